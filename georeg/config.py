@@ -1,0 +1,197 @@
+"""georeg's configuration: one YAML file, validated by pydantic, every error naming its key.
+
+Where the file is: `--config`, else `$GEOREG_CONFIG`, else `./georeg.yaml`. Relative paths inside
+it (key files, CA files) are relative to the file itself, so a config works from any directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from georeg.errors import ConfigError
+
+CONFIG_ENV = "GEOREG_CONFIG"
+DEFAULT_CONFIG_PATH = Path("georeg.yaml")
+MIB = 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoAuth(_Strict):
+    type: Literal["none"] = "none"
+
+
+class BasicAuth(_Strict):
+    """HTTP basic credentials sent with every request."""
+
+    type: Literal["basic"]
+    username: str
+    password: SecretStr
+
+
+class TokenAuth(_Strict):
+    """The registry's Bearer challenge: fetch tokens from the realm it names, optionally with credentials."""
+
+    type: Literal["token"]
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class JwtAuth(_Strict):
+    """GitLab Geo style: georeg mints short-lived tokens itself from the key pair the registries trust."""
+
+    type: Literal["jwt"]
+    key_file: Path = Field(description="PEM private key whose certificate is in the registry's rootcertbundle")
+    issuer: str = Field(min_length=1, description="must equal the registry's auth.token.issuer")
+    service: str = Field(min_length=1, description="must equal the registry's auth.token.service")
+    subject: str = "georeg"
+    ttl_seconds: int = Field(default=300, ge=10, le=3600, description="lifetime of each minted token")
+
+
+AuthConfig = Annotated[NoAuth | BasicAuth | TokenAuth | JwtAuth, Field(discriminator="type")]
+
+
+class RegistryConfig(_Strict):
+    url: str = Field(description="base URL of the registry, e.g. http://127.0.0.1:5000")
+    auth: AuthConfig = NoAuth()
+    storage: dict[str, Any] | None = Field(
+        default=None, description="the registry's own `storage:` block, used by storage adapters"
+    )
+    ca_file: Path | None = None
+    insecure: bool = Field(default=False, description="skip TLS verification (only for testing)")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url.rstrip("/")
+
+
+class SecondaryConfig(RegistryConfig):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class NotificationsConfig(_Strict):
+    secret: SecretStr | None = None
+
+
+class StateConfig(_Strict):
+    url: str = "sqlite:///georeg.db"
+
+
+class ReplicationConfig(_Strict):
+    concurrency: int = Field(default=8, ge=1, le=64, description="blob copies in flight per image")
+    chunk_size: int = Field(default=32 * MIB, ge=64 * 1024, le=1024 * MIB, description="bytes per PATCH")
+    monolithic_max: int = Field(
+        default=4 * MIB, ge=0, le=64 * MIB, description="blobs up to this size are uploaded in one PUT"
+    )
+    request_timeout: float = Field(default=60.0, gt=0, le=3600)
+    request_attempts: int = Field(default=4, ge=1, le=10, description="tries per request on transient errors")
+    task_retries: int = Field(default=3, ge=0, le=20, description="Prefect retries of a failed copy task")
+    retry_delay_seconds: float = Field(default=2.0, ge=0, le=600)
+
+
+class GeoregConfig(_Strict):
+    primary: RegistryConfig
+    secondaries: list[SecondaryConfig] = Field(min_length=1)
+    notifications: NotificationsConfig = NotificationsConfig()
+    state: StateConfig = StateConfig()
+    replication: ReplicationConfig = ReplicationConfig()
+
+    @model_validator(mode="after")
+    def _unique_secondary_names(self) -> GeoregConfig:
+        names = [secondary.name for secondary in self.secondaries]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"secondary names must be unique, repeated: {', '.join(duplicates)}")
+        return self
+
+    def select_secondaries(self, name: str | None = None) -> list[SecondaryConfig]:
+        """All secondaries, or the one called `name`."""
+        if name is None:
+            return list(self.secondaries)
+        for secondary in self.secondaries:
+            if secondary.name == name:
+                return [secondary]
+        known = ", ".join(secondary.name for secondary in self.secondaries)
+        raise ConfigError(f"no secondary named {name!r} in the config (known: {known})")
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> GeoregConfig:
+    """Read and validate the config; raise ConfigError naming the file and the bad key."""
+    location = config_path(path)
+    try:
+        raw = yaml.safe_load(location.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {location} not found: pass --config, set ${CONFIG_ENV}, or create ./georeg.yaml"
+        ) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{location}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{location}: expected a mapping with 'primary' and 'secondaries' at the top")
+    return parse_config(raw, base_dir=location.resolve().parent, source=str(location))
+
+
+def parse_config(raw: dict[str, Any], *, base_dir: Path, source: str = "config") -> GeoregConfig:
+    try:
+        config = GeoregConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(f"{_key_path(e['loc'])}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+    return _resolve_files(config, base_dir, source)
+
+
+def _key_path(location: tuple[int | str, ...]) -> str:
+    """('secondaries', 0, 'auth', 'jwt', 'key_file') -> 'secondaries[0].auth.key_file'."""
+    text = ""
+    previous: int | str | None = None
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif previous == "auth" and part in {"none", "basic", "token", "jwt"}:
+            pass  # pydantic adds the union tag to the path; people never write it
+        else:
+            text += f".{part}" if text else part
+        previous = part
+    return text or "(top level)"
+
+
+def _resolve_files(config: GeoregConfig, base_dir: Path, source: str) -> GeoregConfig:
+    """Make relative key and CA paths relative to the config file, and check they exist."""
+
+    def resolve(registry: RegistryConfig, key: str) -> RegistryConfig:
+        updates: dict[str, Any] = {}
+        if registry.ca_file is not None:
+            updates["ca_file"] = _existing(base_dir / registry.ca_file, f"{key}.ca_file", source)
+        if isinstance(registry.auth, JwtAuth):
+            key_file = _existing(base_dir / registry.auth.key_file, f"{key}.auth.key_file", source)
+            updates["auth"] = registry.auth.model_copy(update={"key_file": key_file})
+        return registry.model_copy(update=updates) if updates else registry
+
+    return config.model_copy(
+        update={
+            "primary": resolve(config.primary, "primary"),
+            "secondaries": [resolve(s, f"secondaries[{i}]") for i, s in enumerate(config.secondaries)],
+        }
+    )
+
+
+def _existing(path: Path, key: str, source: str) -> Path:
+    if not path.is_file():
+        raise ConfigError(f"{source}: {key}: file {path} does not exist")
+    return path

@@ -1,0 +1,38 @@
+"""The `delete-image` flow: remove from each secondary what the primary has deleted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from georeg.config import load_config
+from georeg.flows.common import for_each_secondary
+from georeg.references import ImageReference, validate_reference, validate_repository
+from georeg.registry import RegistryClient
+from georeg.tasks import converge_deletion_task, with_retry_settings
+
+
+@flow(name="delete-image", flow_run_name="delete {repository}:{reference}")
+async def delete_image(repository: str, reference: str, secondary: str | None = None) -> list[dict[str, Any]]:
+    """Make each secondary converge to the primary for one tag or digest that the primary deleted.
+
+    If the primary still has the reference (it was pushed again), nothing is removed. A removed tag
+    takes only itself: other tags on the secondary that share its digest are put back.
+    """
+    config = load_config()
+    image_reference = ImageReference(validate_repository(repository), validate_reference(reference))
+
+    async def delete_from(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
+        deletion = await with_retry_settings(converge_deletion_task, config.replication)(
+            primary, target, image_reference
+        )
+        return {
+            "secondary": target.name,
+            "image": str(image_reference),
+            "outcome": deletion.outcome.value,
+            "digest": deletion.digest,
+            "restored_tags": list(deletion.restored_tags),
+        }
+
+    return await for_each_secondary(config, secondary, delete_from)

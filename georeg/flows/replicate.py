@@ -1,0 +1,62 @@
+"""The `replicate-image` flow: make one image on each secondary digest-equal to the primary's."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prefect import flow
+
+from georeg.config import load_config
+from georeg.flows.common import bounded, for_each_secondary
+from georeg.references import ImageReference, validate_reference, validate_repository
+from georeg.registry import RegistryClient
+from georeg.replication import BlobOutcome
+from georeg.tasks import (
+    copy_blob_task,
+    put_manifests_task,
+    resolve_image_task,
+    verify_replica_task,
+    with_retry_settings,
+)
+
+
+@flow(name="replicate-image", flow_run_name="replicate {repository}:{reference}")
+async def replicate_image(repository: str, reference: str, secondary: str | None = None) -> list[dict[str, Any]]:
+    """Copy `repository` at `reference` (a tag or a digest) from the primary to each secondary.
+
+    Resolve the image on the primary (an index with every child), make every blob present on the
+    secondary (skip, mount or stream), put the manifests children first and the tag last, then
+    check that the secondary serves the primary's digest.
+
+    Args:
+        repository: e.g. "group/app".
+        reference: a tag ("1.0") or a digest ("sha256:...").
+        secondary: the name of one secondary from the config; all of them when omitted.
+
+    Returns:
+        One summary per secondary: digest, blobs copied / present / mounted, bytes sent.
+    """
+    config = load_config()
+    settings = config.replication
+    image_reference = ImageReference(validate_repository(repository), validate_reference(reference))
+
+    async def replicate_to(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
+        image = await with_retry_settings(resolve_image_task, settings)(primary, image_reference)
+        copy_blob = with_retry_settings(copy_blob_task, settings)
+        room = asyncio.Semaphore(settings.concurrency)
+        copies = await asyncio.gather(
+            *(bounded(room, copy_blob(primary, target, repository, blob)) for blob in image.blobs())
+        )
+        await with_retry_settings(put_manifests_task, settings)(target, image)
+        await with_retry_settings(verify_replica_task, settings)(target, image)
+        return {
+            "secondary": target.name,
+            "image": str(image_reference),
+            "digest": image.digest,
+            "manifests": len(image.manifests),
+            **{f"blobs_{outcome.value}": sum(c.outcome is outcome for c in copies) for outcome in BlobOutcome},
+            "bytes_copied": sum(c.bytes_sent for c in copies),
+        }
+
+    return await for_each_secondary(config, secondary, replicate_to)

@@ -1,0 +1,24 @@
+"""Talking to registries: the HTTP client, its auth, token minting and manifests."""
+
+from georeg.config import GeoregConfig, SecondaryConfig
+from georeg.registry.auth import PULL_ONLY, PULL_PUSH_DELETE
+from georeg.registry.client import ClientStats, RegistryClient
+from georeg.registry.manifests import Descriptor, Manifest
+
+__all__ = [
+    "ClientStats",
+    "Descriptor",
+    "Manifest",
+    "RegistryClient",
+    "primary_client",
+    "secondary_client",
+]
+
+
+def primary_client(config: GeoregConfig) -> RegistryClient:
+    """The primary is only ever read: its tokens carry pull and nothing else."""
+    return RegistryClient("primary", config.primary, config.replication, allowed_actions=PULL_ONLY)
+
+
+def secondary_client(config: GeoregConfig, secondary: SecondaryConfig) -> RegistryClient:
+    return RegistryClient(secondary.name, secondary, config.replication, allowed_actions=PULL_PUSH_DELETE)

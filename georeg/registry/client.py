@@ -1,0 +1,365 @@
+"""An async client for the registry HTTP API (distribution v2 / OCI), one connection pool per registry.
+
+Transient failures of a single request (connection errors, 5xx, 408, 429 with its Retry-After) are
+retried here and nowhere else, for requests whose body can be sent again. Streamed uploads cannot,
+so their failures surface as transient errors for the caller to resume. Every other answer becomes
+one of the typed errors in `georeg.errors`, carrying a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import re
+import ssl
+import time
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import httpx
+
+from georeg.config import RegistryConfig, ReplicationConfig
+from georeg.errors import (
+    Denied,
+    IntegrityError,
+    InvalidRequest,
+    NotFound,
+    PermanentRegistryError,
+    RateLimited,
+    RegistryError,
+    TransientRegistryError,
+    Unauthorized,
+    Unsupported,
+)
+from georeg.registry.auth import build_auth
+from georeg.registry.manifests import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, Descriptor, Manifest
+
+logger = logging.getLogger("georeg.registry")
+
+_NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
+_MAX_RETRY_AFTER = 120.0
+_CATALOG_PAGE = 1000  # the registry refuses n > 1000
+_HINTS = {
+    401: "check this registry's auth settings (for jwt: key_file, issuer and service must match the registry)",
+    403: "the credentials lack permission for this repository",
+    405: "the registry refuses this operation; deletes need storage.delete.enabled: true",
+}
+
+
+@dataclass
+class ClientStats:
+    """What a client did, for artifacts, status and tests."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    bytes_uploaded: int = 0
+    bytes_downloaded: int = 0
+
+
+class RegistryClient:
+    """The registry API, as async methods; see the module docstring for how failures are handled."""
+
+    def __init__(
+        self,
+        name: str,
+        config: RegistryConfig,
+        settings: ReplicationConfig,
+        *,
+        allowed_actions: frozenset[str],
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.url = config.url
+        self.settings = settings
+        self.stats = ClientStats()
+        self._http = httpx.AsyncClient(
+            base_url=config.url,
+            auth=build_auth(config.auth, allowed_actions),
+            timeout=httpx.Timeout(settings.request_timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=settings.concurrency * 2 + 4, max_keepalive_connections=16),
+            follow_redirects=True,  # blob GETs may redirect to object storage; httpx drops Authorization there
+            verify=_tls_verification(config),
+            headers={"User-Agent": "georeg"},
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- base -----------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Check that the registry speaks the v2 API and accepts our credentials."""
+        await self._request("GET", "/v2/", expected={200})
+
+    # --- manifests ------------------------------------------------------------------------------
+
+    async def head_manifest(self, repository: str, reference: str) -> Descriptor | None:
+        """The manifest's digest, size and media type, or None if the registry does not have it."""
+        try:
+            response = await self._request(
+                "HEAD", f"/v2/{repository}/manifests/{reference}", expected={200}, headers=_ACCEPT
+            )
+        except NotFound:
+            return None
+        digest = response.headers.get("Docker-Content-Digest")
+        if not digest:  # not required by the spec: fall back to hashing the bytes
+            digest = (await self.get_manifest(repository, reference)).digest
+        return Descriptor(
+            digest=digest,
+            size=int(response.headers.get("Content-Length", 0)),
+            media_type=_media_type(response),
+        )
+
+    async def get_manifest(self, repository: str, reference: str) -> Manifest:
+        response = await self._request(
+            "GET", f"/v2/{repository}/manifests/{reference}", expected={200}, headers=_ACCEPT
+        )
+        if len(response.content) > MAX_MANIFEST_BYTES:
+            raise InvalidRequest(f"{self.name}: manifest {repository}:{reference} is larger than 4 MiB")
+        expected_digest = reference if reference.startswith("sha256:") else ""
+        return Manifest(response.content, _media_type(response), expected_digest)
+
+    async def put_manifest(self, repository: str, reference: str, manifest: Manifest) -> str:
+        """PUT the exact bytes under a tag or digest; return the digest the registry computed."""
+        response = await self._request(
+            "PUT",
+            f"/v2/{repository}/manifests/{reference}",
+            expected={201},
+            content=manifest.content,
+            headers={"Content-Type": manifest.media_type},
+        )
+        stored = response.headers.get("Docker-Content-Digest", manifest.digest)
+        if stored != manifest.digest:
+            raise IntegrityError(f"{self.name} stored {repository}:{reference} as {stored}, not {manifest.digest}")
+        return stored
+
+    async def delete_manifest(self, repository: str, digest: str) -> None:
+        await self._request("DELETE", f"/v2/{repository}/manifests/{digest}", expected={202})
+
+    async def tags(self, repository: str) -> list[str]:
+        """Every tag of a repository ([] if it does not exist), following Link pagination."""
+        found: list[str] = []
+        try:
+            async for page in self._pages(f"/v2/{repository}/tags/list"):
+                found += page.get("tags") or []
+        except NotFound:
+            return []
+        return found
+
+    async def catalog(self) -> AsyncIterator[str]:
+        """Every repository name, page by page."""
+        async for page in self._pages(f"/v2/_catalog?n={_CATALOG_PAGE}"):
+            for name in page.get("repositories") or []:
+                yield name
+
+    # --- blobs ----------------------------------------------------------------------------------
+
+    async def blob_size(self, repository: str, digest: str) -> int | None:
+        """The blob's size if it is linked in `repository`, else None."""
+        try:
+            response = await self._request("HEAD", f"/v2/{repository}/blobs/{digest}", expected={200})
+        except NotFound:
+            return None
+        return int(response.headers.get("Content-Length", -1))
+
+    @asynccontextmanager
+    async def open_blob(self, repository: str, digest: str, *, offset: int = 0) -> AsyncIterator[httpx.Response]:
+        """Stream a blob from `offset` on; the response's body is not read until iterated."""
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        response = await self._request(
+            "GET",
+            f"/v2/{repository}/blobs/{digest}",
+            expected={206} if offset else {200},
+            headers=headers,
+            stream=True,
+        )
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def start_upload(self, repository: str, *, mount_from: str | None = None, digest: str = "") -> str | None:
+        """Open an upload session and return its location; with `mount_from`, try a cross-repository
+        mount first and return None when the registry mounted the blob (201). A registry that cannot
+        mount (202) opens a normal upload instead, which is returned for use."""
+        params = {"mount": digest, "from": mount_from} if mount_from else None
+        response = await self._request("POST", f"/v2/{repository}/blobs/uploads/", expected={201, 202}, params=params)
+        if response.status_code == 201 and mount_from:
+            return None
+        return self._location(response)
+
+    async def upload_chunk(self, location: str, content: bytes | AsyncIterable[bytes], length: int) -> str:
+        """PATCH one chunk to the latest location; return the next location (it carries the offset)."""
+        response = await self._request(
+            "PATCH",
+            location,
+            expected={202},
+            content=content,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)},
+        )
+        self.stats.bytes_uploaded += length
+        return self._location(response)
+
+    async def complete_upload(self, location: str, digest: str, content: bytes = b"") -> None:
+        """Commit the upload under `digest` (the registry re-checks it), optionally with the last bytes."""
+        url = httpx.URL(location).copy_merge_params({"digest": digest})
+        response = await self._request(
+            "PUT",
+            str(url),
+            expected={201},
+            content=content,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        self.stats.bytes_uploaded += len(content)
+        stored = response.headers.get("Docker-Content-Digest", digest)
+        if stored != digest:
+            raise IntegrityError(f"{self.name} committed the upload as {stored}, not {digest}")
+
+    async def upload_offset(self, location: str) -> tuple[int, str]:
+        """How many bytes the registry holds for an upload, and its current location."""
+        response = await self._request("GET", location, expected={204})
+        _, _, end = response.headers.get("Range", "0-0").partition("-")
+        received = int(end) + 1 if end and int(end) > 0 else 0
+        return received, self._location(response)
+
+    async def cancel_upload(self, location: str) -> None:
+        """Abandon an upload so the registry does not keep its partial data."""
+        try:
+            await self._request("DELETE", location, expected={204})
+        except (NotFound, PermanentRegistryError, TransientRegistryError) as error:
+            logger.debug("%s: cancelling upload failed: %s", self.name, error)
+
+    # --- the request loop -----------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        expected: set[int],
+        content: bytes | AsyncIterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """Send one request, retrying transient failures when the body can be sent again."""
+        replayable = content is None or isinstance(content, bytes)
+        attempts = self.settings.request_attempts if replayable else 1
+        for attempt in range(1, attempts + 1):
+            request = self._http.build_request(method, url, content=content, headers=headers, params=params)
+            self.stats.requests[method] += 1
+            try:
+                response = await self._http.send(request, stream=stream)
+            except httpx.TransportError as error:
+                failure: RegistryError = TransientRegistryError(
+                    f"{self.name}: {method} {request.url.path} failed: {type(error).__name__}: {error}",
+                    method=method,
+                    url=request.url.path,
+                )
+            else:
+                if response.status_code in expected:
+                    return response
+                failure = await self._error_from(response, replayable=replayable)
+            if not failure.transient or attempt == attempts:
+                raise failure
+            self.stats.retries += 1
+            delay = _retry_delay(failure, attempt)
+            logger.warning("%s (attempt %d of %d, next in %.1fs)", failure, attempt, attempts, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _error_from(self, response: httpx.Response, *, replayable: bool) -> RegistryError:
+        await response.aread()
+        await response.aclose()
+        status = response.status_code
+        method = response.request.method
+        path = response.request.url.path  # never the query: upload locations carry signed state
+        code, detail = _registry_error(response)
+        message = (
+            f"{self.name}: {method} {path} -> {status}{f' {code}' if code else ''}{f': {detail}' if detail else ''}"
+        )
+        if status in _HINTS:
+            message += f" ({_HINTS[status]})"
+        kwargs = {"status": status, "code": code, "method": method, "url": path}
+        if status == 429:
+            return RateLimited(message, retry_after=_retry_after(response), **kwargs)
+        if status == 401 and not replayable:
+            # A token expired under a streamed upload: the auth flow dropped it, a new attempt mints anew.
+            return TransientRegistryError(message, **kwargs)
+        error_class = {400: InvalidRequest, 401: Unauthorized, 403: Denied, 404: NotFound, 405: Unsupported}.get(status)
+        if error_class is not None:
+            return error_class(message, **kwargs)
+        if status == 408 or status >= 500:
+            return TransientRegistryError(message, **kwargs)
+        return PermanentRegistryError(message, **kwargs)
+
+    async def _pages(self, url: str) -> AsyncIterator[dict]:
+        next_url: str | None = url
+        while next_url:
+            response = await self._request("GET", next_url, expected={200})
+            yield response.json()
+            link = _NEXT_LINK.search(response.headers.get("Link", ""))
+            next_url = str(response.url.join(link.group(1))) if link else None
+
+    def _location(self, response: httpx.Response) -> str:
+        location = response.headers.get("Location")
+        if not location:
+            raise InvalidRequest(f"{self.name}: {response.request.method} answered without a Location header")
+        return str(response.url.join(location))
+
+
+_ACCEPT = {"Accept": MANIFEST_ACCEPT}
+
+
+def _media_type(response: httpx.Response) -> str:
+    return response.headers.get("Content-Type", "").split(";")[0].strip()
+
+
+def _registry_error(response: httpx.Response) -> tuple[str, str]:
+    """The first entry of the registry's `{"errors": [...]}` body, as (code, message)."""
+    try:
+        errors = response.json().get("errors") or []
+        first = errors[0]
+        return str(first.get("code", "")), str(first.get("message", ""))
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return "", response.reason_phrase
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _retry_delay(failure: RegistryError, attempt: int) -> float:
+    if isinstance(failure, RateLimited) and failure.retry_after is not None:
+        return min(failure.retry_after, _MAX_RETRY_AFTER)
+    # Exponential backoff with full jitter: 0.25 s, 0.5 s, 1 s, ... spread so callers do not retry in step.
+    return random.uniform(0.5, 1.0) * min(8.0, 0.25 * 2 ** (attempt - 1))
+
+
+def _tls_verification(config: RegistryConfig) -> ssl.SSLContext | bool:
+    if config.insecure:
+        return False
+    if config.ca_file is not None:
+        return ssl.create_default_context(cafile=str(config.ca_file))
+    return True

@@ -1,0 +1,294 @@
+"""Making one image on a secondary equal to the primary's: the procedure, as plain async functions.
+
+The Prefect tasks in `georeg.tasks` wrap these one-to-one; everything here runs and is tested
+without Prefect. The order is what keeps a secondary honest: every blob is in the repository
+before any manifest that references it, child manifests before their index, and the tag last,
+so a failure at any point leaves no manifest on the secondary that points at something missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+import httpx
+
+from georeg.errors import IntegrityError, NotFound, ReplicationError, TransientRegistryError
+from georeg.references import ImageReference, is_digest
+from georeg.registry import Descriptor, Manifest, RegistryClient
+
+logger = logging.getLogger("georeg.replication")
+
+
+# --- what an image is made of --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image as the primary has it: its manifests in push order (children first) and its blobs."""
+
+    reference: ImageReference
+    manifests: tuple[Manifest, ...]
+
+    @property
+    def top(self) -> Manifest:
+        return self.manifests[-1]
+
+    @property
+    def digest(self) -> str:
+        return self.top.digest
+
+    def blobs(self) -> list[Descriptor]:
+        unique: dict[str, Descriptor] = {}
+        for manifest in self.manifests:
+            for blob in manifest.blobs():
+                unique.setdefault(blob.digest, blob)
+        return list(unique.values())
+
+
+async def resolve_image(primary: RegistryClient, reference: ImageReference) -> ResolvedImage:
+    """Fetch the manifest and, for an index, every child (depth first, children before parents)."""
+
+    async def collect(digest_or_tag: str) -> list[Manifest]:
+        manifest = await primary.get_manifest(reference.repository, digest_or_tag)
+        nested = await asyncio.gather(*(collect(child.digest) for child in manifest.children()))
+        return [m for group in nested for m in group] + [manifest]
+
+    manifests = await collect(reference.reference)
+    unique = list({m.digest: m for m in manifests}.values())
+    return ResolvedImage(reference, tuple(unique))
+
+
+# --- blobs ---------------------------------------------------------------------------------------
+
+
+class BlobOutcome(str, Enum):
+    PRESENT = "present"  # already linked in the repository: nothing sent
+    MOUNTED = "mounted"  # linked from another repository of the secondary: nothing sent
+    COPIED = "copied"  # streamed from the primary
+
+
+@dataclass(frozen=True)
+class BlobCopy:
+    digest: str
+    outcome: BlobOutcome
+    bytes_sent: int
+
+
+class BlobLocations:
+    """Which repository of a registry is known to hold a blob, so the next image can mount it.
+
+    Advisory and bounded: a wrong entry costs one refused mount, which falls back to an upload.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._known: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def remember(self, registry_url: str, digest: str, repository: str) -> None:
+        self._known[(registry_url, digest)] = repository
+        self._known.move_to_end((registry_url, digest))
+        while len(self._known) > self._capacity:
+            self._known.popitem(last=False)
+
+    def find(self, registry_url: str, digest: str, *, other_than: str) -> str | None:
+        repository = self._known.get((registry_url, digest))
+        return repository if repository != other_than else None
+
+
+# One per process: a backfill or a long-running receiver learns where blobs are as it copies.
+BLOB_LOCATIONS = BlobLocations()
+
+
+async def copy_blob(
+    primary: RegistryClient,
+    secondary: RegistryClient,
+    repository: str,
+    blob: Descriptor,
+    locations: BlobLocations = BLOB_LOCATIONS,
+) -> BlobCopy:
+    """Make `blob` present in `repository` on the secondary: skip, mount, or stream it across."""
+    if await secondary.blob_size(repository, blob.digest) is not None:
+        locations.remember(secondary.url, blob.digest, repository)
+        return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0)
+    mount_from = locations.find(secondary.url, blob.digest, other_than=repository)
+    location = await secondary.start_upload(repository, mount_from=mount_from, digest=blob.digest)
+    if location is None:
+        locations.remember(secondary.url, blob.digest, repository)
+        return BlobCopy(blob.digest, BlobOutcome.MOUNTED, 0)
+    try:
+        if blob.size <= secondary.settings.monolithic_max:
+            await _upload_whole(primary, secondary, repository, blob, location)
+        else:
+            await _upload_in_chunks(primary, secondary, repository, blob, location)
+    except BaseException:
+        # Never leave an upload session behind; shielded so a cancelled task still cleans up.
+        await asyncio.shield(secondary.cancel_upload(location))
+        raise
+    locations.remember(secondary.url, blob.digest, repository)
+    return BlobCopy(blob.digest, BlobOutcome.COPIED, blob.size)
+
+
+async def _upload_whole(
+    primary: RegistryClient, secondary: RegistryClient, repository: str, blob: Descriptor, location: str
+) -> None:
+    """Small blobs: read, check, and send in one PUT."""
+    async with primary.open_blob(repository, blob.digest) as response:
+        data = b"".join([piece async for piece in response.aiter_raw()])
+    _check_digest(blob, hashlib.sha256(data), len(data))
+    await _commit(secondary, repository, blob, location, data)
+
+
+async def _upload_in_chunks(
+    primary: RegistryClient, secondary: RegistryClient, repository: str, blob: Descriptor, location: str
+) -> None:
+    """Large blobs: stream chunk by chunk through PATCH, hashing on the fly; memory stays one read buffer.
+
+    When a chunk fails (the network, the secondary, or a token that expired mid-stream), ask the
+    secondary how much it holds and resume from there, reading the primary from that offset with a
+    Range request, instead of starting the blob again from zero.
+    """
+    chunk_size = secondary.settings.chunk_size
+    hasher = hashlib.sha256()
+    offset = 0
+    resumes_left = secondary.settings.request_attempts
+    while offset < blob.size:
+        checkpoint, checkpoint_offset = hasher.copy(), offset
+        try:
+            async with primary.open_blob(repository, blob.digest, offset=offset) as response:
+                chunks = _Chunks(response.aiter_raw(), hasher)
+                while offset < blob.size:
+                    checkpoint, checkpoint_offset = hasher.copy(), offset
+                    length = min(chunk_size, blob.size - offset)
+                    location = await secondary.upload_chunk(location, chunks.take(length), length)
+                    offset += length
+        except (TransientRegistryError, httpx.TransportError) as failure:
+            if resumes_left == 0:
+                raise
+            resumes_left -= 1
+            received, location = await secondary.upload_offset(location)
+            if received != checkpoint_offset:
+                raise TransientRegistryError(
+                    f"{secondary.name}: upload of {blob.digest} holds {received} bytes, expected "
+                    f"{checkpoint_offset}; the copy restarts from zero"
+                ) from failure
+            logger.warning("%s; resuming %s at byte %d", failure, blob.digest, checkpoint_offset)
+            hasher, offset = checkpoint, checkpoint_offset
+    _check_digest(blob, hasher, offset)
+    await _commit(secondary, repository, blob, location, b"")
+
+
+class _Chunks:
+    """Cuts a byte stream into bodies of exact lengths, hashing what passes; holds at most one read."""
+
+    def __init__(self, source: AsyncIterator[bytes], hasher: hashlib._Hash) -> None:
+        self._source = source
+        self.hasher = hasher
+        self._leftover = b""
+
+    async def take(self, length: int) -> AsyncIterator[bytes]:
+        remaining = length
+        while remaining:
+            piece, self._leftover = self._leftover, b""
+            if not piece:
+                try:
+                    piece = await anext(self._source)
+                except StopAsyncIteration:
+                    raise TransientRegistryError(f"the primary's blob stream ended {remaining} bytes early") from None
+            if len(piece) > remaining:
+                piece, self._leftover = piece[:remaining], piece[remaining:]
+            self.hasher.update(piece)
+            remaining -= len(piece)
+            yield piece
+
+
+def _check_digest(blob: Descriptor, hasher: hashlib._Hash, size: int) -> None:
+    actual = "sha256:" + hasher.hexdigest()
+    if actual != blob.digest or size != blob.size:
+        raise IntegrityError(
+            f"the primary served {size} bytes hashing to {actual} for blob {blob.digest} ({blob.size} bytes): "
+            "the blob is corrupt on the primary; nothing was committed on the secondary"
+        )
+
+
+async def _commit(
+    secondary: RegistryClient, repository: str, blob: Descriptor, location: str, last_bytes: bytes
+) -> None:
+    try:
+        await secondary.complete_upload(location, blob.digest, last_bytes)
+    except NotFound:
+        # The commit may have landed before its answer was lost; an upload only vanishes once committed.
+        if await secondary.blob_size(repository, blob.digest) != blob.size:
+            raise
+
+
+# --- manifests -----------------------------------------------------------------------------------
+
+
+async def put_manifests(secondary: RegistryClient, image: ResolvedImage) -> None:
+    """Children by digest first (an index needs them present), then the top under its tag or digest."""
+    repository = image.reference.repository
+    for child in image.manifests[:-1]:
+        await secondary.put_manifest(repository, child.digest, child)
+    await secondary.put_manifest(repository, image.reference.reference, image.top)
+
+
+async def verify_replica(secondary: RegistryClient, image: ResolvedImage) -> None:
+    """Ask the secondary what it now serves under the reference: it must be the primary's digest."""
+    served = await secondary.head_manifest(image.reference.repository, image.reference.reference)
+    if served is None or served.digest != image.digest:
+        raise ReplicationError(
+            f"{secondary.name} serves {image.reference} as {served.digest if served else 'nothing'} "
+            f"after replication, expected {image.digest}"
+        )
+
+
+# --- deletions -----------------------------------------------------------------------------------
+
+
+class DeletionOutcome(str, Enum):
+    KEPT = "kept"  # the primary still has it: nothing to delete (a later push re-created it)
+    ABSENT = "absent"  # the secondary did not have it either
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class Deletion:
+    reference: ImageReference
+    outcome: DeletionOutcome
+    digest: str | None = None
+    restored_tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+async def converge_deletion(primary: RegistryClient, secondary: RegistryClient, reference: ImageReference) -> Deletion:
+    """Remove from the secondary what the primary no longer has, and nothing more.
+
+    Registries delete by digest only, which drops every tag pointing at it; tags that the secondary
+    still has for the same digest are therefore put back right after the delete.
+    """
+    repository = reference.repository
+    if await primary.head_manifest(repository, reference.reference) is not None:
+        return Deletion(reference, DeletionOutcome.KEPT)
+    current = await secondary.head_manifest(repository, reference.reference)
+    if current is None:
+        return Deletion(reference, DeletionOutcome.ABSENT)
+    if is_digest(reference.reference):
+        await secondary.delete_manifest(repository, current.digest)
+        return Deletion(reference, DeletionOutcome.REMOVED, current.digest)
+
+    manifest = await secondary.get_manifest(repository, current.digest)
+    survivors = []
+    for tag in await secondary.tags(repository):
+        if tag != reference.reference:
+            other = await secondary.head_manifest(repository, tag)
+            if other is not None and other.digest == current.digest:
+                survivors.append(tag)
+    await secondary.delete_manifest(repository, current.digest)
+    for tag in survivors:
+        await secondary.put_manifest(repository, tag, manifest)
+    return Deletion(reference, DeletionOutcome.REMOVED, current.digest, tuple(survivors))

@@ -1,0 +1,70 @@
+"""What a storage adapter answers about a registry's storage, whatever the backend.
+
+Registries lay their storage out the same way on every driver (see `blob_path` and friends); an
+adapter only knows how to ask its backend whether an object exists and how large it is. Paths are
+built only from validated repository names and digests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from georeg.references import validate_digest, validate_repository, validate_tag
+
+REGISTRY_PREFIX = "docker/registry/v2"
+
+
+@dataclass(frozen=True)
+class StorageLocation:
+    """Where a registry keeps its data; two registries share storage when these are equal."""
+
+    backend: str
+    endpoint: str
+    bucket: str
+    root: str
+
+
+class StorageAdapter(Protocol):
+    """One per backend. Methods are blocking (the SDKs are); async callers use asyncio.to_thread."""
+
+    def location(self) -> StorageLocation: ...
+
+    def object_size(self, path: str) -> int | None:
+        """Size of the object at `path` (relative to the registry root), or None if it is absent."""
+        ...
+
+    def read_small(self, path: str) -> bytes | None:
+        """Contents of a small object (a link file), or None if it is absent."""
+        ...
+
+
+def blob_path(digest: str) -> str:
+    algorithm, hex_digest = validate_digest(digest).split(":", 1)
+    return f"{REGISTRY_PREFIX}/blobs/{algorithm}/{hex_digest[:2]}/{hex_digest}/data"
+
+
+def manifest_revision_link(repository: str, digest: str) -> str:
+    algorithm, hex_digest = validate_digest(digest).split(":", 1)
+    repository = validate_repository(repository)
+    return f"{REGISTRY_PREFIX}/repositories/{repository}/_manifests/revisions/{algorithm}/{hex_digest}/link"
+
+
+def tag_link(repository: str, tag: str) -> str:
+    repository, tag = validate_repository(repository), validate_tag(tag)
+    return f"{REGISTRY_PREFIX}/repositories/{repository}/_manifests/tags/{tag}/current/link"
+
+
+def blob_size(adapter: StorageAdapter, digest: str) -> int | None:
+    """The size of a blob's data in the registry's storage, or None if the storage lacks it."""
+    return adapter.object_size(blob_path(digest))
+
+
+def tag_digest(adapter: StorageAdapter, repository: str, tag: str) -> str | None:
+    """The digest a tag points at according to the storage, or None."""
+    link = adapter.read_small(tag_link(repository, tag))
+    return link.decode().strip() if link else None
+
+
+def has_manifest_revision(adapter: StorageAdapter, repository: str, digest: str) -> bool:
+    return adapter.read_small(manifest_revision_link(repository, digest)) is not None

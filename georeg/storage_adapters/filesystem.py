@@ -1,0 +1,36 @@
+"""The registry's `filesystem` driver: a directory on a local disk (never shared between sites)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from georeg.errors import ConfigError
+from georeg.storage_adapters.base import StorageLocation
+
+DEFAULT_ROOT = "/var/lib/registry"  # the driver's own default
+
+
+class FilesystemAdapter:
+    def __init__(self, parameters: dict[str, Any]) -> None:
+        unknown = set(parameters) - {"rootdirectory", "maxthreads"}
+        if unknown:
+            raise ConfigError(f"storage.filesystem: unknown parameter(s) {', '.join(sorted(unknown))}")
+        self.root = Path(parameters.get("rootdirectory") or DEFAULT_ROOT)
+
+    def location(self) -> StorageLocation:
+        # A local directory is only the same storage on the same host.
+        return StorageLocation("filesystem", socket.gethostname(), "", str(self.root.resolve()))
+
+    def object_size(self, path: str) -> int | None:
+        try:
+            return (self.root / path).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def read_small(self, path: str) -> bytes | None:
+        try:
+            return (self.root / path).read_bytes()
+        except FileNotFoundError:
+            return None

@@ -1,0 +1,1 @@
+"""georeg test suite."""

@@ -1,0 +1,100 @@
+"""Shared fixtures: real registries (open and token-auth) and a unique repository per test."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.registry import RegistryProcess, TokenAuthSetup, make_token_auth_setup
+
+
+@dataclass
+class RegistryPair:
+    """A primary and a secondary registry; token_setup is set when both require bearer tokens."""
+
+    primary: RegistryProcess
+    secondary: RegistryProcess
+    token_setup: TokenAuthSetup | None
+
+
+@pytest.fixture(scope="session")
+def registry_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryPair]:
+    """Two open registries for the whole session; tests isolate themselves by repository name."""
+    with (
+        RegistryProcess(tmp_path_factory.mktemp("primary")) as primary,
+        RegistryProcess(tmp_path_factory.mktemp("secondary")) as secondary,
+    ):
+        yield RegistryPair(primary, secondary, None)
+
+
+@pytest.fixture(scope="session")
+def token_registry_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryPair]:
+    """Two token-auth registries trusting one key pair, as GitLab Geo shares gitlab-registry.key."""
+    setup = make_token_auth_setup(tmp_path_factory.mktemp("token-keys"))
+    with (
+        RegistryProcess(tmp_path_factory.mktemp("token-primary"), token_auth=setup) as primary,
+        RegistryProcess(tmp_path_factory.mktemp("token-secondary"), token_auth=setup) as secondary,
+    ):
+        yield RegistryPair(primary, secondary, setup)
+
+
+@pytest.fixture
+def repo_name(request: pytest.FixtureRequest) -> str:
+    """A repository name unique to this test, valid under the distribution name grammar."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:30].strip("-") or "t"
+    return f"test/{slug}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> Iterator[str]:
+    """A real Prefect API server (a subprocess on a temporary SQLite database) for flow tests."""
+    from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(get_current_settings().api.url)
+
+
+def jwt_auth(setup: TokenAuthSetup) -> dict[str, Any]:
+    """The `auth:` block for a registry trusting `setup`'s key pair."""
+    return {"type": "jwt", "key_file": str(setup.key_path), "issuer": setup.issuer, "service": setup.service}
+
+
+WriteConfig = Callable[..., Path]
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WriteConfig:
+    """Write a georeg.yaml for the given registry URLs and point $GEOREG_CONFIG at it."""
+
+    def write(
+        primary_url: str,
+        *secondary_urls: str,
+        token_setup: TokenAuthSetup | None = None,
+        replication: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> Path:
+        auth = jwt_auth(token_setup) if token_setup else {"type": "none"}
+        config: dict[str, Any] = {
+            "primary": {"url": primary_url, "auth": auth},
+            "secondaries": [
+                {"name": f"secondary{index}" if index else "secondary", "url": url, "auth": auth}
+                for index, url in enumerate(secondary_urls)
+            ],
+            "replication": {"retry_delay_seconds": 0.1, **(replication or {})},
+            "state": {"url": f"sqlite:///{tmp_path / 'georeg.db'}"},
+            **extra,
+        }
+        path = tmp_path / "georeg.yaml"
+        path.write_text(yaml.safe_dump(config))
+        monkeypatch.setenv("GEOREG_CONFIG", str(path))
+        return path
+
+    return write

@@ -1,0 +1,1 @@
+"""Tests of georeg.registry against real docker-registry processes."""

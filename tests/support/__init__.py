@@ -1,0 +1,1 @@
+"""Test support code: real registries, tokens, images and a fault-injecting proxy."""

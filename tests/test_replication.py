@@ -1,0 +1,207 @@
+"""The replication procedure without Prefect, against real registries, counted at a recording proxy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from georeg.config import RegistryConfig, ReplicationConfig
+from georeg.errors import IntegrityError, NotFound
+from georeg.references import ImageReference
+from georeg.registry import Descriptor, RegistryClient
+from georeg.registry.auth import PULL_ONLY, PULL_PUSH_DELETE
+from georeg.replication import (
+    BlobLocations,
+    BlobOutcome,
+    DeletionOutcome,
+    converge_deletion,
+    copy_blob,
+    put_manifests,
+    resolve_image,
+    verify_replica,
+)
+from tests.conftest import RegistryPair
+from tests.support.images import Image, Pusher, build_image, build_index, random_blob
+from tests.support.proxy import FaultProxy
+
+MIB = 1024 * 1024
+SETTINGS = ReplicationConfig(chunk_size=256 * 1024, monolithic_max=64 * 1024, request_attempts=3)
+
+
+@pytest.fixture
+def secondary_proxy(registry_pair: RegistryPair) -> Iterator[FaultProxy]:
+    with FaultProxy(registry_pair.secondary.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def primary_proxy(registry_pair: RegistryPair) -> Iterator[FaultProxy]:
+    with FaultProxy(registry_pair.primary.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+async def clients(
+    primary_proxy: FaultProxy, secondary_proxy: FaultProxy
+) -> AsyncIterator[tuple[RegistryClient, RegistryClient]]:
+    """A primary and a secondary client, each through its own recording proxy."""
+    async with (
+        RegistryClient("primary", RegistryConfig(url=primary_proxy.url), SETTINGS, allowed_actions=PULL_ONLY) as src,
+        RegistryClient(
+            "secondary", RegistryConfig(url=secondary_proxy.url), SETTINGS, allowed_actions=PULL_PUSH_DELETE
+        ) as dst,
+    ):
+        yield src, dst
+
+
+async def replicate(
+    primary: RegistryClient, secondary: RegistryClient, repository: str, tag: str, locations: BlobLocations
+) -> list[BlobOutcome]:
+    image = await resolve_image(primary, ImageReference(repository, tag))
+    outcomes = [(await copy_blob(primary, secondary, repository, blob, locations)).outcome for blob in image.blobs()]
+    await put_manifests(secondary, image)
+    await verify_replica(secondary, image)
+    return outcomes
+
+
+def push(pair: RegistryPair, repository: str, image: Image, tag: str) -> None:
+    with Pusher(pair.primary.url) as pusher:
+        pusher.push_image(repository, image, tag)
+
+
+def upload_bytes(proxy: FaultProxy) -> int:
+    return sum(r.request_bytes for r in proxy.requests if r.method in ("PATCH", "PUT") and "/blobs/" in r.path)
+
+
+@pytest.mark.parametrize("kind", ["docker", "oci"])
+async def test_image_arrives_digest_equal(registry_pair, clients, repo_name, kind):
+    image = build_image(kind, layer_sizes=[1000, 300_000])  # one monolithic, one chunked layer
+    push(registry_pair, repo_name, image, "v1")
+
+    await replicate(*clients, repo_name, "v1", BlobLocations())
+
+    with Pusher(registry_pair.secondary.url) as secondary:
+        content, media_type = secondary.get_manifest(repo_name, "v1")
+        assert (content, media_type) == (image.manifest, image.media_type)
+        assert all(secondary.blob_exists(repo_name, blob.digest) for blob in image.blobs)
+
+
+async def test_index_children_arrive_before_the_index(registry_pair, clients, secondary_proxy, repo_name):
+    arm = build_image("oci", platform=("linux", "arm64"))
+    amd = build_image("oci", platform=("linux", "amd64"))
+    index = build_index([arm, amd], kind="oci")
+    push(registry_pair, repo_name, index, "multi")
+
+    await replicate(*clients, repo_name, "multi", BlobLocations())
+
+    manifest_puts = [
+        r.path.rsplit("/", 1)[1] for r in secondary_proxy.requests if r.method == "PUT" and "/manifests/" in r.path
+    ]
+    assert manifest_puts[-1] == "multi"
+    assert set(manifest_puts[:-1]) == {arm.digest, amd.digest}
+    with Pusher(registry_pair.secondary.url) as secondary:
+        assert secondary.head_manifest(repo_name, "multi") == index.digest
+        for child in (arm, amd):
+            assert secondary.head_manifest(repo_name, child.digest) == child.digest
+
+
+async def test_present_blobs_are_skipped_and_known_ones_mounted(registry_pair, clients, secondary_proxy, repo_name):
+    shared_layer = random_blob(200_000)
+    second_repo = f"{repo_name}-other"
+    a = build_image("oci", layers=[shared_layer])
+    b = build_image("oci", layers=[shared_layer])
+    push(registry_pair, repo_name, a, "a")
+    push(registry_pair, second_repo, b, "b")
+    locations = BlobLocations()
+
+    assert await replicate(*clients, repo_name, "a", locations) == [BlobOutcome.COPIED] * 2
+    sent_for_a = upload_bytes(secondary_proxy)
+    secondary_proxy.clear()
+
+    outcomes = await replicate(*clients, second_repo, "b", locations)
+
+    assert sorted(outcomes) == sorted([BlobOutcome.COPIED, BlobOutcome.MOUNTED])
+    mounts = [r for r in secondary_proxy.requests if r.method == "POST" and "mount=" in r.query]
+    assert len(mounts) == 1 and mounts[0].status == 201
+    assert upload_bytes(secondary_proxy) < sent_for_a - shared_layer.size + 10_000  # the big layer was not sent
+    secondary_proxy.clear()
+
+    assert await replicate(*clients, repo_name, "a", locations) == [BlobOutcome.PRESENT] * 2
+    assert secondary_proxy.count("POST") == 0 and upload_bytes(secondary_proxy) == 0
+
+
+async def test_chunked_copy_survives_a_reset_mid_blob_without_restarting(
+    registry_pair, clients, secondary_proxy, repo_name
+):
+    layer = random_blob(MIB + 123)  # five chunks of 256 KiB
+    image = build_image("oci", layers=[layer])
+    push(registry_pair, repo_name, image, "big")
+    secondary_proxy.add_fault("PATCH", r"/blobs/uploads/", reset=True, times=1)
+
+    await replicate(*clients, repo_name, "big", BlobLocations())
+
+    patches = [r for r in secondary_proxy.requests if r.method == "PATCH"]
+    assert [r.status for r in patches].count(0) == 1  # the reset
+    # Resumed at the failed chunk: one chunk is sent twice, not the whole blob.
+    assert sum(r.request_bytes for r in patches if r.status == 202) == layer.size
+    with Pusher(registry_pair.secondary.url) as secondary:
+        assert secondary.head_manifest(repo_name, "big") == image.digest
+
+
+async def test_corrupt_source_is_never_committed(registry_pair, clients, repo_name):
+    image = build_image("oci", layer_sizes=[5000])
+    push(registry_pair, repo_name, image, "v1")
+    primary, secondary = clients
+    real = image.blobs[1]
+    lying = Descriptor(digest=real.digest, size=real.size + 1)  # a manifest that lies about the size
+
+    with pytest.raises(IntegrityError, match="nothing was committed"):
+        await copy_blob(primary, secondary, repo_name, lying, BlobLocations())
+    assert await secondary.blob_size(repo_name, real.digest) is None
+
+
+async def test_missing_tag_fails_with_a_clear_permanent_error(clients, repo_name):
+    primary, _ = clients
+    with pytest.raises(NotFound, match=r"primary: GET /v2/.*/manifests/nope -> 404 MANIFEST_UNKNOWN"):
+        await resolve_image(primary, ImageReference(repo_name, "nope"))
+
+
+async def test_deleting_one_tag_keeps_the_other_tags_of_its_digest(registry_pair, clients, repo_name):
+    image = build_image("docker")
+    with Pusher(registry_pair.primary.url) as pusher:
+        for tag in ("keep", "drop"):
+            pusher.push_image(repo_name, image, tag)
+    primary, secondary = clients
+    for tag in ("keep", "drop"):
+        await replicate(primary, secondary, repo_name, tag, BlobLocations())
+    # The registry deletes by digest only: drop both tags on the primary, then put "keep" back.
+    with Pusher(registry_pair.primary.url) as pusher:
+        pusher.delete_manifest(repo_name, image.digest)
+        pusher.push_image(repo_name, image, "keep")
+
+    deletion = await converge_deletion(primary, secondary, ImageReference(repo_name, "drop"))
+
+    assert deletion.outcome is DeletionOutcome.REMOVED and deletion.restored_tags == ("keep",)
+    with Pusher(registry_pair.secondary.url) as check:
+        assert sorted(check.tags(repo_name)) == ["keep"]
+        assert check.head_manifest(repo_name, "keep") == image.digest
+
+
+async def test_deletion_leaves_what_the_primary_still_has(registry_pair, clients, repo_name):
+    image = build_image("oci")
+    push(registry_pair, repo_name, image, "v1")
+    primary, secondary = clients
+    await replicate(primary, secondary, repo_name, "v1", BlobLocations())
+
+    kept = await converge_deletion(primary, secondary, ImageReference(repo_name, "v1"))
+    assert kept.outcome is DeletionOutcome.KEPT
+
+    with Pusher(registry_pair.primary.url) as pusher:
+        pusher.delete_manifest(repo_name, image.digest)
+    removed = await converge_deletion(primary, secondary, ImageReference(repo_name, image.digest))
+    again = await converge_deletion(primary, secondary, ImageReference(repo_name, image.digest))
+
+    assert (removed.outcome, again.outcome) == (DeletionOutcome.REMOVED, DeletionOutcome.ABSENT)
+    with Pusher(registry_pair.secondary.url) as check:
+        assert check.head_manifest(repo_name, "v1") is None
