@@ -64,7 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--registry", default="primary", metavar="NAME", help="'primary' or a secondary's name (whose jwt auth to use)"
     )
+    keygen = command("keygen", _keygen, "create the key pair all registries trust (GitLab's gitlab-registry.key)")
+    keygen.add_argument("key_file", metavar="KEY_FILE", help="private key to write (PEM, mode 0600)")
+    keygen.add_argument("cert_file", metavar="CERT_FILE", help="certificate to write: the registries' rootcertbundle")
+    keygen.add_argument("--type", choices=["rsa", "ec"], default="rsa", dest="key_type")
     return parser
+
+
+def _keygen(arguments: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from georeg.registry.tokens import generate_key_pair
+
+    key_file, cert_file = Path(arguments.key_file), Path(arguments.cert_file)
+    if key_file.exists():
+        raise ConfigError(f"{key_file} exists already; georeg never overwrites a key")
+    key_id = generate_key_pair(key_file, cert_file, key_type=arguments.key_type)
+    print(f"wrote {key_file} and {cert_file} (key ID {key_id})")
+    return 0
 
 
 def _replicate(arguments: argparse.Namespace) -> int:
@@ -77,7 +94,7 @@ def _replicate(arguments: argparse.Namespace) -> int:
         print(
             f"{result['secondary']}: {result['image']} = {result['digest']} "
             f"({result['blobs_copied']} blobs copied, {result['blobs_mounted']} mounted, "
-            f"{result['blobs_present']} already present; {_megabytes(result['bytes_copied'])} sent)"
+            f"{result['blobs_present']} already present; {_size(result['bytes_copied'])} sent)"
         )
     return 0
 
@@ -119,8 +136,12 @@ def _run(flow: Callable[..., Any], reference: ImageReference, secondary: str | N
     return asyncio.run(flow(reference.repository, reference.reference, secondary))
 
 
-def _megabytes(count: int) -> str:
-    return f"{count / 1_000_000:.1f} MB"
+def _size(count: int) -> str:
+    for unit in ("bytes", "kB", "MB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.2f} GB"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import httpx
 
 from georeg.config import AuthConfig, BasicAuth, JwtAuth, NoAuth, TokenAuth
+from georeg.errors import TransientRegistryError, Unauthorized
 from georeg.registry.tokens import TokenMinter
 
 PULL_ONLY = frozenset({"pull"})
@@ -86,11 +87,16 @@ class _ScopedBearerAuth(httpx.Auth):
     def __init__(self, allowed_actions: frozenset[str]) -> None:
         self.allowed_actions = allowed_actions
         self._cache: dict[str, _CachedToken] = {}
+        # The realm and service of the last Bearer challenge: with them a token is fetched before a
+        # request is sent, which a streamed body (not replayable after a 401) depends on.
+        self._challenge: dict[str, str] = {}
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         scopes = request_scopes(request, self.allowed_actions)
         key = " ".join(map(str, scopes))
         cached = self._fresh(key) or self._preemptive_token(scopes)
+        if cached is None and self._challenge:
+            cached = yield from self._challenge_token(scopes, self._challenge)
         if cached is not None:
             self._cache[key] = cached
             request.headers["Authorization"] = f"Bearer {cached.token}"
@@ -98,9 +104,11 @@ class _ScopedBearerAuth(httpx.Auth):
         if response.status_code != 401:
             return
         self._cache.pop(key, None)
-        if not _replayable(request):
-            return
         challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+        if challenge.get("realm"):
+            self._challenge = {name: challenge[name] for name in ("realm", "service") if name in challenge}
+        if not _replayable(request):
+            return  # the caller's next attempt fetches a token up front from the challenge remembered here
         fresh = yield from self._challenge_token(scopes, challenge)
         if fresh is None:
             return
@@ -193,13 +201,28 @@ class ChallengeTokenAuth(_ScopedBearerAuth):
         if self._credentials is not None:
             token_request = next(self._credentials.auth_flow(token_request))
         response = yield token_request
-        if response.status_code != 200:
-            return None
-        body = response.json()
-        token = body.get("token") or body.get("access_token")
-        if not token:
-            return None
-        lifetime = float(body.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
+        # Raise rather than return None: httpx would hand the realm's answer to the caller as if the
+        # registry had given it (a realm 404 would read as "manifest unknown").
+        where = f"token realm {token_request.url.copy_with(query=None)}"
+        status = response.status_code
+        if status in (408, 429) or status >= 500:
+            raise TransientRegistryError(f"{where} answered {status}", status=status, method="GET", url=where)
+        if status != 200:
+            raise Unauthorized(
+                f"{where} answered {status} for {' '.join(map(str, scopes)) or 'the registry'}"
+                " (check this registry's token auth username and password)",
+                status=status,
+                method="GET",
+                url=where,
+            )
+        try:
+            body = response.json()
+            token = body.get("token") or body.get("access_token")
+            lifetime = float(body.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not token or not isinstance(token, str):
+            raise Unauthorized(f"{where} answered 200 without a token", status=status, method="GET", url=where)
         return _CachedToken(token, time.time() + lifetime)
 
 

@@ -270,6 +270,14 @@ class RegistryClient:
                     method=method,
                     url=request.url.path,
                 )
+            except RegistryError as error:  # the auth flow could not get a token; say which request needed it
+                failure = type(error)(
+                    f"{self.name}: {method} {request.url.path}: {error}",
+                    status=error.status,
+                    code=error.code,
+                    method=method,
+                    url=request.url.path,
+                )
             else:
                 if response.status_code in expected:
                     return response

@@ -82,3 +82,42 @@ def _load_private_key(key_file: Path) -> rsa.RSAPrivateKey | ec.EllipticCurvePri
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _EC_ALGORITHMS:
         return key
     raise ConfigError(f"{key_file}: the registry accepts RSA or EC P-256/P-384/P-521 keys, not {type(key).__name__}")
+
+
+def generate_key_pair(key_file: Path, cert_file: Path, *, key_type: str = "rsa", common_name: str = "georeg") -> str:
+    """Write a new private key and a self-signed certificate for the registries' `rootcertbundle`.
+
+    This is the one key pair every node shares (GitLab's gitlab-registry.key). Returns its key ID.
+    The key file is created readable by its owner only.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if key_type == "rsa":
+        private_key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    else:
+        private_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(private_key, hashes.SHA256())
+    )
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600, exist_ok=False)
+    key_file.write_bytes(pem)
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return libtrust_key_id(private_key.public_key())

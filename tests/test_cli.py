@@ -1,0 +1,120 @@
+"""The `georeg` command as a person runs it: a real process, real registries, a real Prefect API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+from tests.conftest import RegistryPair, WriteConfig
+from tests.support.images import MANIFEST_ACCEPT, Pusher, build_image
+
+
+def georeg(*arguments: str, api_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    if api_url:
+        environment["PREFECT_API_URL"] = api_url
+    return subprocess.run(
+        [sys.executable, "-m", "georeg.cli", *arguments], capture_output=True, text=True, env=environment, timeout=120
+    )
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_replicate_copies_and_reports_the_digest(
+    token_registry_pair: RegistryPair, write_config: WriteConfig, prefect_api_url: str, repo_name: str
+):
+    pair = token_registry_pair
+    image = build_image("oci")
+    with Pusher(pair.primary.url, pair.token_setup) as pusher:
+        pusher.push_image(repo_name, image, "v1")
+    config = write_config(pair.primary.url, pair.secondary.url, token_setup=pair.token_setup)
+
+    done = georeg("--config", str(config), "replicate", f"{repo_name}:v1", api_url=prefect_api_url)
+
+    assert done.returncode == 0, done.stderr
+    assert last_line(done.stdout).startswith(f"secondary: {repo_name}:v1 = {image.digest} (3 blobs copied")
+    with Pusher(pair.secondary.url, pair.token_setup) as secondary:
+        assert secondary.head_manifest(repo_name, "v1") == image.digest
+
+
+def test_a_failed_replication_exits_1_with_one_clear_line(
+    token_registry_pair: RegistryPair, write_config: WriteConfig, prefect_api_url: str, repo_name: str
+):
+    pair = token_registry_pair
+    config = write_config(pair.primary.url, pair.secondary.url, token_setup=pair.token_setup)
+
+    done = georeg("--config", str(config), "replicate", f"{repo_name}:missing", api_url=prefect_api_url)
+
+    assert done.returncode == 1
+    assert last_line(done.stderr) == (
+        f"georeg: replicate failed: primary: GET /v2/{repo_name}/manifests/missing -> 404 MANIFEST_UNKNOWN: "
+        "manifest unknown"
+    )
+
+
+def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path):
+    config = tmp_path / "georeg.yaml"
+    config.write_text("primary: {url: 'http://127.0.0.1:1'}\nsecondaries: [{name: s, url: 'ftp://x'}]\n")
+
+    done = georeg("--config", str(config), "replicate", "app:1")
+
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"georeg: {config}: secondaries[0].url: Value error, must start with http:// or https://"
+
+
+def test_bad_arguments_exit_2_before_any_work(tmp_path: Path):
+    assert georeg("delete", "app").returncode == 2  # a delete needs an explicit tag or digest
+    assert "names no tag or digest" in georeg("delete", "app").stderr
+    assert georeg("replicate", "Bad/Name:1").returncode == 2
+
+
+def test_token_prints_a_jwt_the_registry_accepts_for_exactly_those_actions(
+    token_registry_pair: RegistryPair, write_config: WriteConfig, repo_name: str
+):
+    pair = token_registry_pair
+    image = build_image("docker")
+    with Pusher(pair.primary.url, pair.token_setup) as pusher:
+        pusher.push_image(repo_name, image, "v1")
+    config = write_config(pair.primary.url, pair.secondary.url, token_setup=pair.token_setup)
+
+    done = georeg("--config", str(config), "token", repo_name, "--actions", "pull")
+
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["access"] == [{"type": "repository", "name": repo_name, "actions": ["pull"]}]
+    headers = {"Authorization": f"Bearer {token}", "Accept": MANIFEST_ACCEPT}
+    manifest_url = f"{pair.primary.url}/v2/{repo_name}/manifests/v1"
+    assert httpx.get(manifest_url, headers=headers).status_code == 200
+    refused = httpx.put(
+        f"{pair.primary.url}/v2/{repo_name}/manifests/other",
+        headers={**headers, "Content-Type": image.media_type},
+        content=image.manifest,
+    )
+    assert refused.status_code == 401 and "insufficient_scope" in refused.headers["WWW-Authenticate"]
+
+
+def test_keygen_writes_a_private_key_and_never_overwrites_it(tmp_path: Path):
+    key, certificate = tmp_path / "registry.key", tmp_path / "registry.crt"
+
+    done = georeg("keygen", str(key), str(certificate), "--type", "ec")
+
+    assert done.returncode == 0, done.stderr
+    assert key.stat().st_mode & 0o077 == 0  # readable by its owner only
+    assert certificate.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    again = georeg("keygen", str(key), str(certificate))
+    assert again.returncode == 2 and "never overwrites a key" in again.stderr
+
+
+@pytest.mark.parametrize("command", [["--help"], ["replicate", "--help"], ["token", "--help"]])
+def test_help_is_available(command: list[str]):
+    done = georeg(*command)
+    assert done.returncode == 0 and "usage: georeg" in done.stdout
