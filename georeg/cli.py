@@ -64,11 +64,33 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--registry", default="primary", metavar="NAME", help="'primary' or a secondary's name (whose jwt auth to use)"
     )
+    serve = command("serve", _serve, "receive the primary's notifications and start replication within seconds")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+
     keygen = command("keygen", _keygen, "create the key pair all registries trust (GitLab's gitlab-registry.key)")
     keygen.add_argument("key_file", metavar="KEY_FILE", help="private key to write (PEM, mode 0600)")
     keygen.add_argument("cert_file", metavar="CERT_FILE", help="certificate to write: the registries' rootcertbundle")
     keygen.add_argument("--type", choices=["rsa", "ec"], default="rsa", dest="key_type")
     return parser
+
+
+def _serve(arguments: argparse.Namespace) -> int:
+    import uvicorn
+
+    from georeg.receiver import create_app
+    from georeg.state import StateStore
+
+    config = load_config()
+    app = create_app(config, StateStore(config.state.url))
+    print(
+        f"georeg: receiving on http://{arguments.host}:{arguments.port}/api/v4/container_registry_event/events "
+        f"(dispatch: {config.dispatch.mode})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=arguments.host, port=arguments.port, log_level="info", access_log=False)
+    return 0
 
 
 def _keygen(arguments: argparse.Namespace) -> int:

@@ -80,7 +80,29 @@ class SecondaryConfig(RegistryConfig):
 
 
 class NotificationsConfig(_Strict):
+    """What the receiver accepts: the registry's `Authorization` header must equal one of the secrets."""
+
     secret: SecretStr | None = None
+    secrets: list[SecretStr] = Field(default_factory=list, description="more accepted secrets, for rotation")
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+    def accepted_secrets(self) -> list[str]:
+        values = ([self.secret] if self.secret else []) + list(self.secrets)
+        return [value.get_secret_value() for value in values]
+
+
+class DispatchConfig(_Strict):
+    """How the receiver turns journaled events into flow runs."""
+
+    mode: Literal["inline", "deployment"] = Field(
+        default="inline", description="inline: run flows in the receiver's process; deployment: through Prefect"
+    )
+    concurrency: int = Field(default=4, ge=1, le=256, description="flow runs in flight at once")
+    poll_seconds: float = Field(default=1.0, gt=0, le=60, description="how often due work and runs are checked")
+    max_attempts: int = Field(default=10, ge=1, le=1000, description="failed runs of one item before it is parked")
+    backoff_cap_seconds: float = Field(default=300.0, ge=1, le=86400)
+    replicate_deployment: str = "replicate-image/replicate-image"
+    delete_deployment: str = "delete-image/delete-image"
 
 
 class StateConfig(_Strict):
@@ -105,6 +127,12 @@ class GeoregConfig(_Strict):
     notifications: NotificationsConfig = NotificationsConfig()
     state: StateConfig = StateConfig()
     replication: ReplicationConfig = ReplicationConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+
+    @field_validator("dispatch", mode="before")
+    @classmethod
+    def _dispatch_shorthand(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _unique_secondary_names(self) -> GeoregConfig:

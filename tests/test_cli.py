@@ -67,7 +67,9 @@ def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path):
     done = georeg("--config", str(config), "replicate", "app:1")
 
     assert done.returncode == 2
-    assert done.stderr.strip() == f"georeg: {config}: secondaries[0].url: Value error, must start with http:// or https://"
+    assert (
+        done.stderr.strip() == f"georeg: {config}: secondaries[0].url: Value error, must start with http:// or https://"
+    )
 
 
 def test_bad_arguments_exit_2_before_any_work(tmp_path: Path):

@@ -181,7 +181,9 @@ class MintedJwtAuth(_ScopedBearerAuth):
 
 
 class ChallengeTokenAuth(_ScopedBearerAuth):
-    """The standard registry token flow: a 401 names a realm, the realm hands out a token."""
+    """The standard registry token flow: a 401 names a realm, the realm hands out a token.
+
+    Once a realm is known, tokens for new scopes are fetched before the request is sent."""
 
     def __init__(self, username: str | None, password: str | None, allowed_actions: frozenset[str]) -> None:
         super().__init__(allowed_actions)
@@ -203,17 +205,18 @@ class ChallengeTokenAuth(_ScopedBearerAuth):
         response = yield token_request
         # Raise rather than return None: httpx would hand the realm's answer to the caller as if the
         # registry had given it (a realm 404 would read as "manifest unknown").
-        where = f"token realm {token_request.url.copy_with(query=None)}"
+        realm_url = str(token_request.url.copy_with(query=None))
+        where = f"token realm {realm_url}"
         status = response.status_code
         if status in (408, 429) or status >= 500:
-            raise TransientRegistryError(f"{where} answered {status}", status=status, method="GET", url=where)
+            raise TransientRegistryError(f"{where} answered {status}", status=status, method="GET", url=realm_url)
         if status != 200:
             raise Unauthorized(
                 f"{where} answered {status} for {' '.join(map(str, scopes)) or 'the registry'}"
                 " (check this registry's token auth username and password)",
                 status=status,
                 method="GET",
-                url=where,
+                url=realm_url,
             )
         try:
             body = response.json()
@@ -222,7 +225,7 @@ class ChallengeTokenAuth(_ScopedBearerAuth):
         except (ValueError, AttributeError, TypeError):
             token = None
         if not token or not isinstance(token, str):
-            raise Unauthorized(f"{where} answered 200 without a token", status=status, method="GET", url=where)
+            raise Unauthorized(f"{where} answered 200 without a token", status=status, method="GET", url=realm_url)
         return _CachedToken(token, time.time() + lifetime)
 
 

@@ -58,7 +58,6 @@ class ClientStats:
     requests: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     bytes_uploaded: int = 0
-    bytes_downloaded: int = 0
 
 
 class RegistryClient:

@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from georeg.errors import IntegrityError, ReplicationError
+from georeg.errors import IntegrityError, InvalidReference, ReplicationError
+from georeg.references import validate_digest
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -40,8 +41,13 @@ class Descriptor:
     media_type: str = ""
 
     @classmethod
-    def from_json(cls, entry: dict[str, Any]) -> Descriptor:
-        return cls(digest=entry["digest"], size=int(entry["size"]), media_type=entry.get("mediaType", ""))
+    def from_json(cls, entry: Any) -> Descriptor:
+        try:
+            return cls(
+                digest=validate_digest(entry["digest"]), size=int(entry["size"]), media_type=entry.get("mediaType", "")
+            )
+        except (KeyError, TypeError, ValueError, InvalidReference) as error:
+            raise ReplicationError(f"malformed descriptor {entry!r:.200}: {error}") from None
 
 
 @dataclass(frozen=True)

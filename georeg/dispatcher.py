@@ -1,0 +1,194 @@
+"""Turning journaled work into flow runs, inside `georeg serve`.
+
+The loop claims due work rows (up to `dispatch.concurrency` in flight), runs each as a flow run,
+and records the outcome: success deletes the row (unless newer events arrived meanwhile, then it
+runs again), failure schedules a retry with exponential backoff and jitter. Two ways to run:
+
+- `inline`: the flow runs in this process (still recorded by Prefect, embedded or server);
+- `deployment`: a flow run of the `replicate-image` / `delete-image` deployment is created through
+  the Prefect API, with an idempotency key derived from the work row so a retry never starts a
+  second run, and watched until it ends. While the API is unreachable the work waits in the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Protocol
+
+import httpx
+
+from georeg.config import DispatchConfig, GeoregConfig
+from georeg.errors import GeoregError
+from georeg.state import REPLICATE, Claim, StateStore
+
+logger = logging.getLogger("georeg.dispatcher")
+
+
+class PrefectUnavailable(GeoregError):
+    """The Prefect API did not answer: the work goes back to the journal, no attempt is counted."""
+
+    transient = True
+
+
+class FlowRunFailed(GeoregError):
+    """The flow run ended in a state other than Completed."""
+
+
+class FlowRuns(Protocol):
+    async def run(self, claim: Claim, store: StateStore) -> None:
+        """Run the claimed work to its end; raise if it did not succeed."""
+        ...
+
+
+class InlineFlowRuns:
+    """Flows run in the receiver's own process."""
+
+    async def run(self, claim: Claim, store: StateStore) -> None:
+        from georeg.flows import delete_image, replicate_image
+
+        flow = replicate_image if claim.action == REPLICATE else delete_image
+        await flow(claim.repository, claim.reference, claim.secondary)
+
+
+class DeploymentFlowRuns:
+    """Flow runs of the deployments, executed by whichever worker of the pool takes them."""
+
+    def __init__(self, settings: DispatchConfig) -> None:
+        self.settings = settings
+
+    async def run(self, claim: Claim, store: StateStore) -> None:
+        flow_run_id = claim.flow_run_id or await self._start(claim)
+        await store.set_flow_run(claim, flow_run_id)
+        state = await self._wait(flow_run_id)
+        if not state.is_completed():
+            raise FlowRunFailed(f"flow run {flow_run_id} ended {state.type.value}: {state.message or ''}".strip())
+
+    async def _start(self, claim: Claim) -> str:
+        from prefect.deployments.flow_runs import arun_deployment
+
+        deployment = (
+            self.settings.replicate_deployment if claim.action == REPLICATE else self.settings.delete_deployment
+        )
+        try:
+            flow_run = await arun_deployment(
+                deployment,
+                parameters={"repository": claim.repository, "reference": claim.reference, "secondary": claim.secondary},
+                timeout=0,
+                as_subflow=False,
+                # Same work, same attempt -> same key: a lost answer never becomes a second run.
+                idempotency_key=f"georeg:{claim.secondary}:{claim.sequence}:{claim.attempts}",
+                tags=["georeg", f"secondary:{claim.secondary}"],
+            )
+        except (httpx.TransportError, OSError, RuntimeError) as error:
+            raise PrefectUnavailable(f"cannot create a flow run of {deployment}: {error}") from error
+        return str(flow_run.id)
+
+    async def _wait(self, flow_run_id: str) -> Any:
+        from prefect.client.orchestration import get_client
+
+        while True:
+            try:
+                async with get_client() as client:
+                    flow_run = await client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+                if flow_run.state is not None and flow_run.state.is_final():
+                    return flow_run.state
+            except (httpx.TransportError, OSError, RuntimeError) as error:
+                # The run goes on on its worker; the API will be back. Keep watching.
+                logger.warning("cannot read flow run %s, will retry: %s", flow_run_id, error)
+            await asyncio.sleep(self.settings.poll_seconds)
+
+
+class Dispatcher:
+    def __init__(self, config: GeoregConfig, store: StateStore, runs: FlowRuns, observer: Any = None) -> None:
+        self.settings = config.dispatch
+        self.store = store
+        self.runs = runs
+        self.observer = observer  # receives started(claim) / finished(claim, ok) for metrics
+        self._active: dict[int, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._pause_until = 0.0
+
+    @classmethod
+    def for_config(cls, config: GeoregConfig, store: StateStore, observer: Any = None) -> Dispatcher:
+        runs: FlowRuns = InlineFlowRuns() if config.dispatch.mode == "inline" else DeploymentFlowRuns(config.dispatch)
+        return cls(config, store, runs, observer)
+
+    def wake(self) -> None:
+        """New work was journaled: look now instead of at the next poll."""
+        self._wake.set()
+
+    async def run_forever(self) -> None:
+        await self._resume_after_restart()
+        while True:
+            await self.dispatch_due()
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_seconds)
+
+    async def dispatch_due(self) -> int:
+        """Start flow runs for due work, up to the concurrency bound; return how many started."""
+        if time.time() < self._pause_until:
+            return 0
+        claims = await self.store.claim_due(self.settings.concurrency - len(self._active))
+        for claim in claims:
+            self._start(claim)
+        return len(claims)
+
+    async def drain(self) -> None:
+        """Wait for every run in flight (tests and shutdown)."""
+        while self._active:
+            await asyncio.gather(*self._active.values(), return_exceptions=True)
+
+    async def stop(self) -> None:
+        for task in self._active.values():
+            task.cancel()
+        await asyncio.gather(*self._active.values(), return_exceptions=True)
+
+    async def _resume_after_restart(self) -> None:
+        """Rows left running by a previous process: watch their flow runs again, or run them anew."""
+        for claim in await self.store.running():
+            if claim.flow_run_id and isinstance(self.runs, DeploymentFlowRuns):
+                self._start(claim)
+            else:
+                await self.store.release(claim)  # an inline run died with its process; replication is idempotent
+
+    def _start(self, claim: Claim) -> None:
+        if self.observer:
+            self.observer.started(claim)
+        self._active[claim.id] = asyncio.create_task(self._execute(claim), name=f"georeg-work-{claim.id}")
+
+    async def _execute(self, claim: Claim) -> None:
+        ok = False
+        try:
+            await self.runs.run(claim, self.store)
+            ok = True
+            if not await self.store.succeeded(claim):
+                logger.info("%s: newer events arrived during the run; running again", _describe(claim))
+        except PrefectUnavailable as error:
+            logger.warning("%s; the work stays in the journal", error)
+            self._pause_until = time.time() + self.settings.poll_seconds * 5
+            await self.store.release(claim)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # every failure of a run is recorded, whatever its kind
+            delay = await self.store.failed(
+                claim,
+                f"{type(error).__name__}: {error}",
+                max_attempts=self.settings.max_attempts,
+                backoff_cap=self.settings.backoff_cap_seconds,
+            )
+            logger.warning(
+                "%s failed (attempt %d), retrying in %.0fs: %s", _describe(claim), claim.attempts + 1, delay, error
+            )
+        finally:
+            self._active.pop(claim.id, None)
+            if self.observer:
+                self.observer.finished(claim, ok)
+            self.wake()
+
+
+def _describe(claim: Claim) -> str:
+    return f"{claim.action} {claim.repository}:{claim.reference} -> {claim.secondary}"

@@ -1,0 +1,160 @@
+"""The notification receiver: the primary registry's webhooks in, journaled work out.
+
+Routes: `POST /api/v4/container_registry_event/events` (GitLab's path, so existing registry configs
+work unchanged) and `POST /events`; `GET /healthz`; `GET /metrics` (Prometheus text).
+
+An accepted event is in the journal before the 2xx leaves, so an event the registry considers
+delivered is never lost. The receiver answers fast and never 5xx for anything a request contains:
+the registry delivers serially, and a refused event blocks every event behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from georeg.config import GeoregConfig
+from georeg.dispatcher import Dispatcher
+from georeg.errors import ConfigError
+from georeg.events import EVENTS_MEDIA_TYPE, InvalidEvents, classify
+from georeg.state import Claim, StateStore
+
+logger = logging.getLogger("georeg.receiver")
+
+EVENTS_PATHS = ("/api/v4/container_registry_event/events", "/events")
+_ACCEPTED_CONTENT_TYPES = {EVENTS_MEDIA_TYPE, "application/json"}
+
+
+class ReceiverMetrics:
+    """Prometheus metrics of one receiver (its own registry, so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.received = Counter("georeg_events_received", "Events in accepted envelopes", registry=self.registry)
+        self.accepted = Counter("georeg_events_accepted", "Events journaled for replication", registry=self.registry)
+        self.ignored = Counter("georeg_events_ignored", "Events acknowledged and dropped", registry=self.registry)
+        self.rejected = Counter(
+            "georeg_requests_rejected", "Requests refused, by reason", ["reason"], registry=self.registry
+        )
+        self.dispatch_lag = Histogram(
+            "georeg_dispatch_lag_seconds",
+            "From an event's arrival to the start of the flow run that serves it",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.journal_depth = Gauge("georeg_journal_depth", "Work items not yet done", registry=self.registry)
+        self.runs = Counter("georeg_flow_runs", "Flow runs finished, by outcome", ["outcome"], registry=self.registry)
+
+    def started(self, claim: Claim) -> None:
+        self.dispatch_lag.observe(max(0.0, time.time() - claim.first_event_at))
+
+    def finished(self, claim: Claim, ok: bool) -> None:
+        self.runs.labels("completed" if ok else "failed").inc()
+
+
+def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True) -> Starlette:
+    """The receiver app; with `dispatch`, its lifespan also runs the dispatcher."""
+    secrets = [secret.encode() for secret in config.notifications.accepted_secrets()]
+    if not secrets:
+        raise ConfigError("notifications.secret: georeg serve needs the secret the registry sends as Authorization")
+    secondaries = [secondary.name for secondary in config.secondaries]
+    limit = config.notifications.max_body_bytes
+    metrics = ReceiverMetrics()
+    dispatcher = Dispatcher.for_config(config, store, metrics)
+
+    def refuse(status: int, reason: str, message: str) -> JSONResponse:
+        metrics.rejected.labels(reason).inc()
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def receive_events(request: Request) -> Response:
+        supplied = request.headers.get("authorization", "").encode()
+        if not any(hmac.compare_digest(supplied, secret) for secret in secrets):
+            return refuse(401, "unauthorized", "the Authorization header does not match notifications.secret")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in _ACCEPTED_CONTENT_TYPES:
+            return refuse(415, "media_type", f"expected Content-Type {EVENTS_MEDIA_TYPE}")
+        body = await _read_at_most(request, limit)
+        if body is None:
+            return refuse(413, "too_large", f"the body exceeds {limit} bytes")
+        try:
+            classified = classify(json.loads(body))
+        except (ValueError, RecursionError):
+            return refuse(400, "malformed", "the body is not valid JSON")
+        except InvalidEvents as error:
+            return refuse(400, "invalid", str(error))
+        try:
+            new = await store.record_events(classified.accepted, secondaries) if classified.accepted else 0
+        except SQLAlchemyError as error:
+            # Not the request's fault: the registry keeps the event and delivers it again.
+            logger.error("journal unavailable: %s", error)
+            return JSONResponse({"error": "the journal is unavailable; deliver again later"}, status_code=503)
+        metrics.received.inc(len(classified.accepted) + classified.ignored)
+        metrics.accepted.inc(len(classified.accepted))
+        metrics.ignored.inc(classified.ignored)
+        if new:
+            dispatcher.wake()
+        return JSONResponse({"accepted": len(classified.accepted), "new": new, "ignored": classified.ignored})
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def metrics_endpoint(request: Request) -> Response:
+        metrics.journal_depth.set(await store.depth())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.create_tables()
+        if dispatch and config.dispatch.mode == "inline":
+            await _start_prefect_api()
+        loop_task = asyncio.create_task(dispatcher.run_forever(), name="georeg-dispatcher") if dispatch else None
+        try:
+            yield
+        finally:
+            if loop_task is not None:
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
+            await dispatcher.stop()
+
+    routes = [Route(path, receive_events, methods=["POST"]) for path in EVENTS_PATHS]
+    routes += [Route("/healthz", healthz), Route("/metrics", metrics_endpoint)]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.dispatcher = dispatcher
+    app.state.metrics = metrics
+    return app
+
+
+async def _read_at_most(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed `limit` (never buffering more than that)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def _start_prefect_api() -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server on first use (about 10 s): pay it
+    at start-up rather than on the first event."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        await client.api_healthcheck()

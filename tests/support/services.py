@@ -1,0 +1,139 @@
+"""Long-running processes the end-to-end tests start: `georeg serve`, a Prefect server, a Prefect worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from tests.support.registry import free_port
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_until(condition: Callable[[], bool], *, deadline: float, what: str, interval: float = 0.1) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {deadline:.0f}s waiting for {what}")
+
+
+def answers(url: str, *statuses: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code in (statuses or (200,))
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+class BackgroundProcess:
+    """A command run in the background with its output in a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, command: list[str], log_path: Path, env: dict[str, str], cwd: Path = REPOSITORY_ROOT) -> None:
+        self.command, self.log_path, self.env, self.cwd = command, log_path, env, cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BackgroundProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        return self
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as when a machine dies."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> BackgroundProcess:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def clean_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment without any PREFECT_ settings, plus `overrides`."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    environment.update(overrides)
+    return environment
+
+
+class GeoregServe(BackgroundProcess):
+    """`georeg serve` on a fixed port (kept across restarts, as a registry's endpoint URL is)."""
+
+    def __init__(self, config: Path, log_path: Path, env: dict[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
+        command = [sys.executable, "-m", "georeg.cli", "--config", str(config), "serve", "--port", str(self.port)]
+        super().__init__(command, log_path, env)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GeoregServe:
+        super().start()
+        try:
+            wait_until(answers(f"{self.url}/healthz"), deadline=60, what="georeg serve to answer /healthz")
+        except AssertionError:
+            raise AssertionError(f"georeg serve did not start:\n{self.log_tail()}") from None
+        return self
+
+
+class PrefectServer(BackgroundProcess):
+    """A real `prefect server start` with its own PREFECT_HOME (SQLite there unless a database URL is given)."""
+
+    def __init__(self, home: Path, port: int | None = None, database_url: str | None = None) -> None:
+        self.port = port or free_port()
+        self.home = home
+        env = clean_environment(
+            PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false"
+        )
+        if database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        super().__init__(command, home / f"server-{self.port}.log", env)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> PrefectServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        super().start()
+        try:
+            wait_until(answers(f"{self.api_url}/health"), deadline=120, what="the Prefect server", interval=0.5)
+        except AssertionError:
+            raise AssertionError(f"prefect server did not start:\n{self.log_tail()}") from None
+        return self

@@ -1,0 +1,102 @@
+"""The journal and its work rows on a real SQLite file: durability, deduplication, coalescing, retries."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from georeg.errors import ConfigError
+from georeg.state import DELETE, FAILED, PENDING, REPLICATE, AcceptedEvent, StateStore, WorkItem, database_url
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    await state.create_tables()
+    yield state
+    await state.close()
+
+
+def push(event_id: str, tag: str = "1.0") -> AcceptedEvent:
+    return AcceptedEvent(event_id, REPLICATE, "group/app", tag)
+
+
+async def rows(store: StateStore) -> list[WorkItem]:
+    from sqlalchemy import select
+
+    async with store.transaction() as session:
+        return list((await session.scalars(select(WorkItem).order_by(WorkItem.secondary))).all())
+
+
+async def test_an_event_is_owed_to_every_secondary_and_recorded_once(store):
+    assert await store.record_events([push("a")], ["east", "west"]) == 1
+    assert await store.record_events([push("a")], ["east", "west"]) == 0  # the registry delivered it again
+    assert [(r.secondary, r.action, r.status) for r in await rows(store)] == [
+        ("east", REPLICATE, PENDING),
+        ("west", REPLICATE, PENDING),
+    ]
+
+
+async def test_a_burst_to_one_tag_is_one_piece_of_work_for_the_latest(store):
+    for number in range(20):
+        await store.record_events([push(f"burst-{number}")], ["east"])
+    [row] = await rows(store)
+    claims = await store.claim_due(10)
+    assert len(claims) == 1 and claims[0].sequence == row.sequence
+    assert await store.claim_due(10) == []  # claimed work is not handed out twice
+
+
+async def test_events_during_a_run_make_it_run_again(store):
+    await store.record_events([push("first")], ["east"])
+    [claim] = await store.claim_due(1)
+    await store.record_events([push("second")], ["east"])  # arrives while the run is going on
+
+    assert await store.succeeded(claim) is False
+    [again] = await store.claim_due(1)
+    assert again.sequence > claim.sequence
+    assert await store.succeeded(again) is True
+    assert await rows(store) == []
+
+
+async def test_the_latest_event_decides_the_action(store):
+    await store.record_events([push("p")], ["east"])
+    await store.record_events([AcceptedEvent("d", DELETE, "group/app", "1.0")], ["east"])
+    [claim] = await store.claim_due(1)
+    assert claim.action == DELETE
+
+
+async def test_failures_back_off_grow_and_park_after_max_attempts(store):
+    await store.record_events([push("x")], ["east"])
+    delays = []
+    for _ in range(3):
+        [claim] = await store.claim_due(1)
+        delays.append(await store.failed(claim, "boom", max_attempts=3, backoff_cap=1000))
+        async with store.transaction() as session:  # make it due again instead of waiting out the backoff
+            from sqlalchemy import update
+
+            await session.execute(update(WorkItem).values(next_attempt_at=time.time() - 1))
+    [row] = await rows(store)
+    assert row.status == FAILED and row.attempts == 3 and row.last_error == "boom"
+    assert delays[2] > delays[0]
+    assert await store.claim_due(1) == []  # parked: visible, not retried until a new event
+    await store.record_events([push("y")], ["east"])
+    assert len(await store.claim_due(1)) == 1  # a new event revives it
+
+
+async def test_running_rows_are_listed_for_recovery_and_can_be_released(store):
+    await store.record_events([push("r")], ["east"])
+    [claim] = await store.claim_due(1)
+    await store.set_flow_run(claim, "run-1")
+    [running] = await store.running()
+    assert running.flow_run_id == "run-1"
+    await store.release(running)
+    assert [c.id for c in await store.claim_due(1)] == [claim.id]
+
+
+def test_database_urls_map_to_the_async_drivers():
+    assert database_url("sqlite:///georeg.db") == "sqlite+aiosqlite:///georeg.db"
+    assert database_url("postgresql://u@h/db") == "postgresql+asyncpg://u@h/db"
+    with pytest.raises(ConfigError, match=r"state\.url: 'mysql' is not supported"):
+        database_url("mysql://h/db")
