@@ -116,7 +116,8 @@ def _replicate(arguments: argparse.Namespace) -> int:
         print(
             f"{result['secondary']}: {result['image']} = {result['digest']} "
             f"({result['blobs_copied']} blobs copied, {result['blobs_mounted']} mounted, "
-            f"{result['blobs_present']} already present; {_size(result['bytes_copied'])} sent)"
+            f"{result['blobs_present']} already present; {_size(result['bytes_copied'])} sent in {result['seconds']:.2f} s"
+            f"{_rate(result['bytes_copied'], result['seconds'])})"
         )
     return 0
 
@@ -156,6 +157,10 @@ def _registry_auth(config: GeoregConfig, name: str) -> JwtAuth:
 
 def _run(flow: Callable[..., Any], reference: ImageReference, secondary: str | None) -> list[dict[str, Any]]:
     return asyncio.run(flow(reference.repository, reference.reference, secondary))
+
+
+def _rate(count: int, seconds: float) -> str:
+    return f", {count / seconds / 1_000_000:.0f} MB/s" if count >= 1_000_000 and seconds > 0 else ""
 
 
 def _size(count: int) -> str:

@@ -41,6 +41,7 @@ def test_replicate_copies_and_reports_the_digest(
 
     assert done.returncode == 0, done.stderr
     assert last_line(done.stdout).startswith(f"secondary: {repo_name}:v1 = {image.digest} (3 blobs copied")
+    assert " sent in " in last_line(done.stdout)
     with Pusher(pair.secondary.url, pair.token_setup) as secondary:
         assert secondary.head_manifest(repo_name, "v1") == image.digest
 

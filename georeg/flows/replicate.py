@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from prefect import flow
@@ -42,6 +43,7 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
     image_reference = ImageReference(validate_repository(repository), validate_reference(reference))
 
     async def replicate_to(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
+        started = time.monotonic()
         image = await with_retry_settings(resolve_image_task, settings)(primary, image_reference)
         copy_blob = with_retry_settings(copy_blob_task, settings)
         room = asyncio.Semaphore(settings.concurrency)
@@ -57,6 +59,7 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
             "manifests": len(image.manifests),
             **{f"blobs_{outcome.value}": sum(c.outcome is outcome for c in copies) for outcome in BlobOutcome},
             "bytes_copied": sum(c.bytes_sent for c in copies),
+            "seconds": round(time.monotonic() - started, 3),
         }
 
     return await for_each_secondary(config, secondary, replicate_to)

@@ -1,0 +1,159 @@
+"""End to end, deployment dispatch: registry notifications -> `georeg serve` -> flow runs of the
+deployments (`prefect deploy --all` from this checkout) -> a real `prefect worker` -> the secondary.
+Also: the Prefect server goes away while events arrive, and nothing is lost or run twice."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.support.images import Pusher, build_image, build_index
+from tests.support.registry import RegistryProcess, free_port
+from tests.support.services import (
+    REPOSITORY_ROOT,
+    BackgroundProcess,
+    GeoregServe,
+    PrefectServer,
+    clean_environment,
+    wait_until,
+)
+from tests.test_serve import SECRET, deployments_notifications, write_georeg_config
+
+
+@dataclass
+class DeployedSite:
+    primary: RegistryProcess
+    secondary: RegistryProcess
+    server: PrefectServer
+    worker: BackgroundProcess
+    receiver: GeoregServe
+
+    def secondary_digest(self, repository: str, reference: str) -> str | None:
+        with Pusher(self.secondary.url) as secondary:
+            return secondary.head_manifest(repository, reference)
+
+    def wait_replicated(self, repository: str, reference: str, digest: str, deadline: float = 120) -> None:
+        wait_until(
+            lambda: self.secondary_digest(repository, reference) == digest,
+            deadline=deadline,
+            what=f"{repository}:{reference} on the secondary (worker log:\n{self.worker.log_tail(15)})",
+            interval=0.25,
+        )
+
+    def flow_runs(self, name: str) -> list[str]:
+        """States of the flow runs named `name`, from the real server."""
+        from prefect.client.orchestration import PrefectClient
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+        async def read() -> list[str]:
+            async with PrefectClient(self.server.api_url) as client:
+                runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+                return [run.state.type.value for run in runs if run.state]
+
+        return asyncio.run(read())
+
+
+def prefect(*arguments: str, env: dict[str, str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *arguments],
+        cwd=REPOSITORY_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"prefect {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedSite]:
+    root = tmp_path_factory.mktemp("deployed-site")
+    receiver_port = free_port()
+    notifications = deployments_notifications(f"http://127.0.0.1:{receiver_port}", SECRET)
+    with (
+        RegistryProcess(root / "primary", notifications=notifications) as primary,
+        RegistryProcess(root / "secondary") as secondary,
+        PrefectServer(root / "prefect-home") as server,
+    ):
+        config = write_georeg_config(root / "georeg.yaml", primary.url, secondary.url, mode="deployment")
+        environment = clean_environment(
+            PREFECT_API_URL=server.api_url,
+            PREFECT_HOME=str(root / "prefect-home"),
+            GEOREG_CONFIG=str(config),
+            PWD=str(REPOSITORY_ROOT),
+        )
+        prefect("work-pool", "create", "georeg", "--type", "process", env=environment)
+        prefect("deploy", "--all", env=environment)
+        # The worker asks for work every second (default 10 s): most of the push-to-copy latency.
+        worker_env = {**environment, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+        worker = BackgroundProcess(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "georeg", "--limit", "4"],
+            root / "worker.log",
+            worker_env,
+        )
+        with worker, GeoregServe(config, root / "serve.log", environment, port=receiver_port) as receiver:
+            yield DeployedSite(primary, secondary, server, worker, receiver)
+
+
+def test_a_push_runs_the_deployment_on_a_worker(site: DeployedSite, repo_name: str):
+    image = build_image("docker")
+    index = build_index([build_image("oci", platform=("linux", "arm64")), build_image("oci")], kind="oci")
+    with Pusher(site.primary.url) as pusher:
+        pusher.push_image(repo_name, image, "v1")
+        pusher.push_image(repo_name, index, "multi")
+
+    site.wait_replicated(repo_name, "v1", image.digest)
+    site.wait_replicated(repo_name, "multi", index.digest)
+    wait_until(
+        lambda: site.flow_runs(f"replicate {repo_name}:v1") == ["COMPLETED"],
+        deadline=30,
+        what="the flow run to be recorded COMPLETED",
+    )
+
+
+def test_events_wait_while_prefect_is_down_and_run_exactly_once(site: DeployedSite, repo_name: str):
+    site.server.stop()
+    image = build_image("oci")
+    with Pusher(site.primary.url) as pusher:
+        pusher.push_image(repo_name, image, "during-outage")
+    # The receiver journals the event and answers the registry although Prefect is unreachable.
+    wait_until(
+        lambda: "cannot create a flow run" in site.receiver.log_path.read_text(),
+        deadline=60,
+        what="the dispatcher to notice that Prefect is down",
+    )
+    assert site.secondary_digest(repo_name, "during-outage") is None
+
+    site.server.start()  # same port, same database
+
+    site.wait_replicated(repo_name, "during-outage", image.digest)
+    wait_until(
+        lambda: site.flow_runs(f"replicate {repo_name}:during-outage") == ["COMPLETED"],
+        deadline=60,
+        what="exactly one COMPLETED flow run",
+    )
+
+
+def test_a_failed_run_is_retried_with_backoff_and_stays_visible(site: DeployedSite, repo_name: str):
+    site.secondary.stop()  # every copy to it fails until it is back
+    image = build_image("oci")
+    with Pusher(site.primary.url) as pusher:
+        pusher.push_image(repo_name, image, "retry")
+    name = f"replicate {repo_name}:retry"
+
+    wait_until(lambda: "FAILED" in site.flow_runs(name), deadline=120, what="a FAILED flow run")
+    metrics = httpx.get(f"{site.receiver.url}/metrics").text
+    assert 'georeg_flow_runs_total{outcome="failed"}' in metrics
+    assert "georeg_journal_depth 1.0" in metrics  # the work is still owed, visibly
+
+    site.secondary.start()
+
+    site.wait_replicated(repo_name, "retry", image.digest)
+    wait_until(lambda: "COMPLETED" in site.flow_runs(name), deadline=60, what="the retried run to complete")
+    assert site.flow_runs(name).count("COMPLETED") == 1

@@ -1,0 +1,143 @@
+"""End to end, inline dispatch: a real registry's notifications reach a real `georeg serve`, which
+replicates to a real secondary. The registry's notifications block is the one in deployments/."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.images import Pusher, build_image, build_index
+from tests.support.registry import RegistryProcess, free_port
+from tests.support.services import REPOSITORY_ROOT, GeoregServe, clean_environment, wait_until
+
+SECRET = "e2e-notification-secret"
+
+
+def deployments_notifications(receiver_url: str, secret: str) -> list[dict[str, Any]]:
+    """deployments/registry-primary.yml's endpoint, pointed at this test's receiver and secret."""
+    config = yaml.safe_load((REPOSITORY_ROOT / "deployments" / "registry-primary.yml").read_text())
+    [endpoint] = config["notifications"]["endpoints"]
+    endpoint["url"] = f"{receiver_url}/api/v4/container_registry_event/events"
+    endpoint["headers"]["Authorization"] = [secret]
+    return [endpoint]
+
+
+@dataclass
+class Site:
+    primary: RegistryProcess
+    secondary: RegistryProcess
+    receiver: GeoregServe
+    prefect_api_url: str
+
+    def pusher(self) -> Pusher:
+        return Pusher(self.primary.url)
+
+    def secondary_digest(self, repository: str, reference: str) -> str | None:
+        with Pusher(self.secondary.url) as secondary:
+            return secondary.head_manifest(repository, reference)
+
+    def wait_replicated(self, repository: str, reference: str, digest: str, deadline: float = 60) -> None:
+        wait_until(
+            lambda: self.secondary_digest(repository, reference) == digest,
+            deadline=deadline,
+            what=f"{repository}:{reference} to reach the secondary as {digest}",
+        )
+
+    def flow_runs_named(self, name: str) -> int:
+        """How many flow runs Prefect recorded under `name` (e.g. 'replicate group/app:1.0')."""
+        import asyncio
+
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+        async def count() -> int:
+            async with get_client() as client:
+                runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+                return len(runs)
+
+        return asyncio.run(count())
+
+
+def write_georeg_config(path: Path, primary: str, secondary: str, **dispatch: Any) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "primary": {"url": primary},
+                "secondaries": [{"name": "secondary", "url": secondary}],
+                "notifications": {"secret": SECRET},
+                "state": {"url": f"sqlite:///{path.parent / 'georeg.db'}"},
+                "dispatch": {"mode": "inline", "poll_seconds": 0.5, **dispatch},
+                "replication": {"retry_delay_seconds": 0.2},
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("inline-site")
+    receiver_port = free_port()
+    receiver_url = f"http://127.0.0.1:{receiver_port}"
+    with (
+        RegistryProcess(root / "primary", notifications=deployments_notifications(receiver_url, SECRET)) as primary,
+        RegistryProcess(root / "secondary") as secondary,
+    ):
+        config = write_georeg_config(root / "georeg.yaml", primary.url, secondary.url)
+        environment = clean_environment(PREFECT_API_URL=prefect_api_url, PREFECT_LOGGING_LEVEL="INFO")
+        with GeoregServe(config, root / "serve.log", environment, port=receiver_port) as receiver:
+            yield Site(primary, secondary, receiver, prefect_api_url)
+
+
+def test_a_push_reaches_the_secondary_within_seconds(site: Site, repo_name: str):
+    image = build_image("docker")
+    index = build_index([build_image("oci", platform=("linux", "arm64")), build_image("oci")], kind="oci")
+    with site.pusher() as pusher:
+        pusher.push_image(repo_name, image, "v1")
+        pusher.push_image(repo_name, index, "multi")
+
+    site.wait_replicated(repo_name, "v1", image.digest)
+    site.wait_replicated(repo_name, "multi", index.digest)
+    for child in index.children:
+        assert site.secondary_digest(repo_name, child.digest) == child.digest
+
+
+def test_a_delete_on_the_primary_reaches_the_secondary(site: Site, repo_name: str):
+    image = build_image("oci")
+    with site.pusher() as pusher:
+        pusher.push_image(repo_name, image, "gone")
+    site.wait_replicated(repo_name, "gone", image.digest)
+
+    with site.pusher() as pusher:
+        pusher.delete_manifest(repo_name, image.digest)
+
+    wait_until(lambda: site.secondary_digest(repo_name, "gone") is None, deadline=60, what="the delete to arrive")
+
+
+def test_a_burst_of_pushes_to_one_tag_is_coalesced(site: Site, repo_name: str):
+    images = [build_image("oci", layer_sizes=[100]) for _ in range(20)]
+    with site.pusher() as pusher:
+        for image in images:
+            pusher.push_image(repo_name, image, "hot")
+
+    site.wait_replicated(repo_name, "hot", images[-1].digest)
+    runs = site.flow_runs_named(f"replicate {repo_name}:hot")
+    assert 1 <= runs < 20  # far fewer runs than pushes; the last push wins
+
+
+def test_events_sent_while_the_receiver_is_down_arrive_after_it_restarts(site: Site, repo_name: str):
+    site.receiver.stop()
+    image = build_image("docker")
+    with site.pusher() as pusher:
+        pusher.push_image(repo_name, image, "late")  # the registry queues the event and keeps retrying
+    assert site.secondary_digest(repo_name, "late") is None
+
+    site.receiver.start()
+
+    site.wait_replicated(repo_name, "late", image.digest)
+    assert site.flow_runs_named(f"replicate {repo_name}:late") == 1
