@@ -116,8 +116,8 @@ def _replicate(arguments: argparse.Namespace) -> int:
         print(
             f"{result['secondary']}: {result['image']} = {result['digest']} "
             f"({result['blobs_copied']} blobs copied, {result['blobs_mounted']} mounted, "
-            f"{result['blobs_present']} already present; {_size(result['bytes_copied'])} sent in {result['seconds']:.2f} s"
-            f"{_rate(result['bytes_copied'], result['seconds'])})"
+            f"{result['blobs_present']} already present; {_size(result['bytes_copied'])} sent "
+            f"in {result['seconds']:.2f} s{_rate(result['bytes_copied'], result['seconds'])})"
         )
     return 0
 
