@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from georeg.config import CONFIG_ENV, GeoregConfig, JwtAuth, config_path, load_config
@@ -64,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--registry", default="primary", metavar="NAME", help="'primary' or a secondary's name (whose jwt auth to use)"
     )
+    backfill = command("backfill", _backfill, "bring the secondaries level with the primary, repository by repository")
+    backfill.add_argument("--secondary", metavar="NAME", help="only this secondary (default: all)")
+    backfill.add_argument("--dry-run", action="store_true", help="only report what would be copied and removed")
+
+    verify = command("verify", _verify, "check that the secondaries hold what the primary holds")
+    verify.add_argument("--secondary", metavar="NAME", help="only this secondary (default: all)")
+    verify.add_argument("--deep", action="store_true", help="also check every blob the secondary's manifests name")
+
+    status = command("status", _status, "the sync status of each secondary, from georeg's state database")
+    status.add_argument("--json", action="store_true", help="print the status as a JSON document")
+
     serve = command("serve", _serve, "receive the primary's notifications and start replication within seconds")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
@@ -73,6 +85,126 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("cert_file", metavar="CERT_FILE", help="certificate to write: the registries' rootcertbundle")
     keygen.add_argument("--type", choices=["rsa", "ec"], default="rsa", dest="key_type")
     return parser
+
+
+def _backfill(arguments: argparse.Namespace) -> int:
+    load_config()
+    from georeg.flows import backfill
+
+    with _progress_bar():
+        results = asyncio.run(backfill(arguments.secondary, arguments.dry_run))
+    for result in results:
+        if "skipped" in result:
+            print(f"{result['secondary']}: skipped, {result['skipped']}")
+            continue
+        verb = "would replicate" if result["dry_run"] else "replicated"
+        print(
+            f"{result['secondary']}: {result['repositories']} repositories, {verb} {result['tags_replicated']} tags, "
+            f"removed {result['tags_removed']}, {result['tags_unchanged']} unchanged, {result['deferred']} deferred; "
+            f"{_size(result['bytes_copied'])} sent"
+        )
+    return 0
+
+
+def _verify(arguments: argparse.Namespace) -> int:
+    load_config()
+    from georeg.flows import verify
+
+    with _progress_bar():
+        results = asyncio.run(verify(arguments.secondary, arguments.deep))
+    for result in results:
+        print(
+            f"{result['secondary']}: {result['verified']} of {result['repositories']} repositories verified"
+            + (f", {result['blobs_checked']} blobs checked" if arguments.deep else "")
+        )
+    return 0
+
+
+def _status(arguments: argparse.Namespace) -> int:
+    import json
+
+    from georeg.state import StateStore
+    from georeg.status import collect_status
+
+    config = load_config()
+
+    async def collect() -> dict[str, Any]:
+        store = StateStore(config.state.url)
+        try:
+            await store.create_tables()
+            return await collect_status(config, store)
+        finally:
+            await store.close()
+
+    document = asyncio.run(collect())
+    if arguments.json:
+        print(json.dumps(document, indent=2))
+    else:
+        _print_status(document)
+    return 0
+
+
+def _print_status(document: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="georeg: secondaries")
+    for column in (
+        "secondary",
+        "repositories",
+        "synced",
+        "failed",
+        "pending",
+        "synced %",
+        "verified",
+        "verification failed",
+        "oldest unsynced event",
+        "last backfill",
+    ):
+        table.add_column(column)
+    for entry in document["secondaries"]:
+        repositories, backfill = entry["repositories"], entry["last_backfill"]
+        percent = "-" if entry["synced_percent"] is None else f"{entry['synced_percent']:.1f}"
+        table.add_row(
+            entry["name"],
+            str(repositories["total"]),
+            str(repositories["synced"]),
+            str(repositories["failed"]),
+            str(repositories["pending"]),
+            percent,
+            str(entry["verification"]["verified"]),
+            str(entry["verification"]["failed"]),
+            entry["oldest_unsynced_event"] or "-",
+            f"{backfill['finished_at']} ({backfill['outcome']})" if backfill else "never",
+        )
+    console = Console()
+    console.print(table)
+    for entry in document["secondaries"]:
+        for failure in entry["failures"]:
+            console.print(
+                f"[red]{entry['name']}: {failure['repository']}[/red] failed {failure['retry_count']}x, "
+                f"next try {failure['retry_at']}: {failure['last_failure']}",
+                highlight=False,
+            )
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[None]:
+    """A progress bar on stderr fed by the flow's progress reports (see georeg.progress)."""
+    from rich.progress import Progress
+
+    from georeg.progress import listening
+
+    with Progress(transient=False, console=None) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        with listening(update):
+            yield
 
 
 def _serve(arguments: argparse.Namespace) -> int:

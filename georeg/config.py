@@ -6,7 +6,9 @@ it (key files, CA files) are relative to the file itself, so a config works from
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -109,7 +111,50 @@ class StateConfig(_Strict):
     url: str = "sqlite:///georeg.db"
 
 
+class RepositoryFilter(_Strict):
+    """Which repositories to replicate: shell globs such as `group/*`; exclude wins over include."""
+
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+
+    def wants(self, repository: str) -> bool:
+        return any(fnmatch.fnmatchcase(repository, pattern) for pattern in self.include) and not any(
+            fnmatch.fnmatchcase(repository, pattern) for pattern in self.exclude
+        )
+
+
+class TagFilter(_Strict):
+    """Which tags to replicate: regular expressions matched against the whole tag; exclude wins."""
+
+    include: str = ".*"
+    exclude: str | None = None
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"not a regular expression: {error}") from None
+        return pattern
+
+    def wants(self, tag: str) -> bool:
+        if not re.fullmatch(self.include, tag):
+            return False
+        return self.exclude is None or not re.fullmatch(self.exclude, tag)
+
+
 class ReplicationConfig(_Strict):
+    repositories: RepositoryFilter = RepositoryFilter()
+    tags: TagFilter = TagFilter()
+    delete_extra_tags: bool = Field(default=True, description="remove secondary tags the primary no longer has")
+    retry_backoff_base_seconds: float = Field(
+        default=60.0, ge=0, le=86400, description="wait before a failed repository's first retry; doubles each time"
+    )
+    retry_backoff_cap_seconds: float = Field(
+        default=3600.0, ge=1, le=7 * 86400, description="longest wait before a failed repository is retried"
+    )
     concurrency: int = Field(default=8, ge=1, le=64, description="blob copies in flight per image")
     chunk_size: int = Field(default=32 * MIB, ge=64 * 1024, le=1024 * MIB, description="bytes per PATCH")
     monolithic_max: int = Field(
@@ -215,8 +260,17 @@ def _resolve_files(config: GeoregConfig, base_dir: Path, source: str) -> GeoregC
         update={
             "primary": resolve(config.primary, "primary"),
             "secondaries": [resolve(s, f"secondaries[{i}]") for i, s in enumerate(config.secondaries)],
+            "state": StateConfig(url=_absolute_sqlite(config.state.url, base_dir)),
         }
     )
+
+
+def _absolute_sqlite(url: str, base_dir: Path) -> str:
+    """`sqlite:///georeg.db` means next to the config file, wherever the process runs (workers too)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str(base_dir / url[len(prefix) :])
+    return url
 
 
 def _existing(path: Path, key: str, source: str) -> Path:

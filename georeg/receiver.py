@@ -1,7 +1,8 @@
 """The notification receiver: the primary registry's webhooks in, journaled work out.
 
 Routes: `POST /api/v4/container_registry_event/events` (GitLab's path, so existing registry configs
-work unchanged) and `POST /events`; `GET /healthz`; `GET /metrics` (Prometheus text).
+work unchanged) and `POST /events`; `GET /healthz`; `GET /metrics` (Prometheus text); `GET /status`
+(the same document as `georeg status --json`).
 
 An accepted event is in the journal before the 2xx leaves, so an event the registry considers
 delivered is never lost. The receiver answers fast and never 5xx for anything a request contains:
@@ -31,6 +32,7 @@ from georeg.dispatcher import Dispatcher
 from georeg.errors import ConfigError
 from georeg.events import EVENTS_MEDIA_TYPE, InvalidEvents, classify
 from georeg.state import Claim, StateStore
+from georeg.status import collect_status
 
 logger = logging.getLogger("georeg.receiver")
 
@@ -111,6 +113,9 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
 
+    async def status(request: Request) -> Response:
+        return JSONResponse(await collect_status(config, store))
+
     async def metrics_endpoint(request: Request) -> Response:
         metrics.journal_depth.set(await store.depth())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -131,7 +136,7 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
             await dispatcher.stop()
 
     routes = [Route(path, receive_events, methods=["POST"]) for path in EVENTS_PATHS]
-    routes += [Route("/healthz", healthz), Route("/metrics", metrics_endpoint)]
+    routes += [Route("/healthz", healthz), Route("/metrics", metrics_endpoint), Route("/status", status)]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.dispatcher = dispatcher
     app.state.metrics = metrics

@@ -9,12 +9,15 @@ so a failure at any point leaves no manifest on the secondary that points at som
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeVar
 
 import httpx
 
@@ -23,6 +26,7 @@ from georeg.references import ImageReference, is_digest
 from georeg.registry import Descriptor, Manifest, RegistryClient
 
 logger = logging.getLogger("georeg.replication")
+T = TypeVar("T")
 
 
 # --- what an image is made of --------------------------------------------------------------------
@@ -81,7 +85,8 @@ class BlobCopy:
 
 
 class BlobLocations:
-    """Which repository of a registry is known to hold a blob, so the next image can mount it.
+    """Which repository of a registry is known to hold a blob, so the next image can mount it, and
+    which blobs are being copied right now, so concurrent copies of one blob send it only once.
 
     Advisory and bounded: a wrong entry costs one refused mount, which falls back to an upload.
     """
@@ -89,6 +94,27 @@ class BlobLocations:
     def __init__(self, capacity: int = 100_000) -> None:
         self._capacity = capacity
         self._known: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # Per event loop: asyncio events cannot be shared between loops (tests run one per test).
+        self._copying: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], asyncio.Event]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def wait_for_copies(self, registry_url: str, digest: str) -> None:
+        """Return once no copy of this blob to this registry is under way."""
+        copying = self._copying.get(asyncio.get_running_loop(), {})
+        while (done := copying.get((registry_url, digest))) is not None:
+            await done.wait()
+
+    @contextlib.contextmanager
+    def copying(self, registry_url: str, digest: str) -> Iterator[None]:
+        """Mark a copy of this blob as under way while the block runs."""
+        copying = self._copying.setdefault(asyncio.get_running_loop(), {})
+        done = copying[(registry_url, digest)] = asyncio.Event()
+        try:
+            yield
+        finally:
+            del copying[(registry_url, digest)]
+            done.set()
 
     def remember(self, registry_url: str, digest: str, repository: str) -> None:
         self._known[(registry_url, digest)] = repository
@@ -116,22 +142,24 @@ async def copy_blob(
     if await secondary.blob_size(repository, blob.digest) is not None:
         locations.remember(secondary.url, blob.digest, repository)
         return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0)
-    mount_from = locations.find(secondary.url, blob.digest, other_than=repository)
-    location = await secondary.start_upload(repository, mount_from=mount_from, digest=blob.digest)
-    if location is None:
+    await locations.wait_for_copies(secondary.url, blob.digest)
+    with locations.copying(secondary.url, blob.digest):
+        mount_from = locations.find(secondary.url, blob.digest, other_than=repository)
+        location = await secondary.start_upload(repository, mount_from=mount_from, digest=blob.digest)
+        if location is None:
+            locations.remember(secondary.url, blob.digest, repository)
+            return BlobCopy(blob.digest, BlobOutcome.MOUNTED, 0)
+        try:
+            if blob.size <= secondary.settings.monolithic_max:
+                await _upload_whole(primary, secondary, repository, blob, location)
+            else:
+                await _upload_in_chunks(primary, secondary, repository, blob, location)
+        except BaseException:
+            # Never leave an upload session behind; shielded so a cancelled task still cleans up.
+            await asyncio.shield(secondary.cancel_upload(location))
+            raise
         locations.remember(secondary.url, blob.digest, repository)
-        return BlobCopy(blob.digest, BlobOutcome.MOUNTED, 0)
-    try:
-        if blob.size <= secondary.settings.monolithic_max:
-            await _upload_whole(primary, secondary, repository, blob, location)
-        else:
-            await _upload_in_chunks(primary, secondary, repository, blob, location)
-    except BaseException:
-        # Never leave an upload session behind; shielded so a cancelled task still cleans up.
-        await asyncio.shield(secondary.cancel_upload(location))
-        raise
-    locations.remember(secondary.url, blob.digest, repository)
-    return BlobCopy(blob.digest, BlobOutcome.COPIED, blob.size)
+        return BlobCopy(blob.digest, BlobOutcome.COPIED, blob.size)
 
 
 async def _upload_whole(
@@ -225,6 +253,50 @@ async def _commit(
         # The commit may have landed before its answer was lost; an upload only vanishes once committed.
         if await secondary.blob_size(repository, blob.digest) != blob.size:
             raise
+
+
+# --- the whole image ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageReplication:
+    reference: ImageReference
+    digest: str
+    manifests: int
+    copies: tuple[BlobCopy, ...]
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(copy.bytes_sent for copy in self.copies)
+
+    def count(self, outcome: BlobOutcome) -> int:
+        return sum(copy.outcome is outcome for copy in self.copies)
+
+
+async def replicate(
+    primary: RegistryClient, secondary: RegistryClient, reference: ImageReference, *, concurrency: int
+) -> ImageReplication:
+    """The whole procedure for one image in one call, for bulk work (backfill). The replicate-image
+    flow runs the same four steps as separate Prefect tasks, for their retries and visibility."""
+    image = await resolve_image(primary, reference)
+    copies = await copy_blobs(primary, secondary, image, concurrency)
+    await put_manifests(secondary, image)
+    await verify_replica(secondary, image)
+    return ImageReplication(reference, image.digest, len(image.manifests), tuple(copies))
+
+
+async def copy_blobs(
+    primary: RegistryClient, secondary: RegistryClient, image: ResolvedImage, concurrency: int
+) -> list[BlobCopy]:
+    room = asyncio.Semaphore(concurrency)
+    repository = image.reference.repository
+    return await asyncio.gather(*(bounded(room, copy_blob(primary, secondary, repository, b)) for b in image.blobs()))
+
+
+async def bounded(semaphore: asyncio.Semaphore, work: Awaitable[T]) -> T:
+    """Await `work` once `semaphore` has room: bounds how many copies run at once."""
+    async with semaphore:
+        return await work
 
 
 # --- manifests -----------------------------------------------------------------------------------

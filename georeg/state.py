@@ -1,5 +1,10 @@
 """georeg's durable state (`state.url`: SQLite by default, PostgreSQL by URL).
 
+`georeg_repositories` is the sync state per (secondary, repository), like GitLab Geo's registry
+table: pending, started, synced or failed, with a retry count that only grows until a success.
+`georeg_leases` keeps two backfills of one secondary from overlapping; `georeg_runs` remembers
+backfills and verifications for `georeg status`.
+
 Two tables make the event path durable:
 - `georeg_events`, the journal: every accepted registry event, once per event id, written before the
   receiver answers 2xx, so an event the registry considers delivered is never lost;
@@ -25,6 +30,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from georeg.errors import ConfigError
 
 PENDING, RUNNING, FAILED = "pending", "running", "failed"
+STARTED, SYNCED = "started", "synced"
+VERIFIED, MISMATCH = "verified", "mismatch"
 REPLICATE, DELETE = "replicate", "delete"
 
 
@@ -64,6 +71,44 @@ class WorkItem(Base):
     flow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RepositoryState(Base):
+    __tablename__ = "georeg_repositories"
+    __table_args__ = (UniqueConstraint("secondary", "repository"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    secondary: Mapped[str] = mapped_column(String(255))
+    repository: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16), default=PENDING)
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    retry_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_synced_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    verification: Mapped[str | None] = mapped_column(String(16), nullable=True)  # VERIFIED or MISMATCH
+    verified_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    verification_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Lease(Base):
+    __tablename__ = "georeg_leases"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class RunRecord(Base):
+    __tablename__ = "georeg_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))  # backfill or verify
+    secondary: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    summary: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 @dataclass(frozen=True)
@@ -168,7 +213,7 @@ class StateStore:
             "first_event_at": now,
             "updated_at": now,
         }
-        insert = (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(WorkItem).values(**values)
+        insert = self._insert(WorkItem).values(**values)
         current = WorkItem.__table__.c
         # The latest event decides what to do; a failed row comes back to life; a running row keeps
         # running and is picked up again afterwards because its sequence moved on.
@@ -183,6 +228,9 @@ class StateStore:
                 "updated_at": now,
             },
         )
+
+    def _insert(self, table: type[Base]):
+        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
 
     # --- the dispatcher's side ----------------------------------------------------------------
 
@@ -262,6 +310,131 @@ class StateStore:
         """Work rows not yet done (pending, running or failed)."""
         async with self.transaction() as session:
             return int(await session.scalar(select(func.count()).select_from(WorkItem)) or 0)
+
+    async def oldest_owed_event(self, secondary: str) -> float | None:
+        """When the oldest event still owed to `secondary` arrived (None when nothing is owed)."""
+        async with self.transaction() as session:
+            return await session.scalar(
+                select(func.min(WorkItem.first_event_at)).where(WorkItem.secondary == secondary)
+            )
+
+    # --- sync state per repository ----------------------------------------------------------
+
+    async def repository_states(self, secondary: str) -> dict[str, RepositoryState]:
+        async with self.transaction() as session:
+            rows = await session.scalars(select(RepositoryState).where(RepositoryState.secondary == secondary))
+            return {row.repository: row for row in rows}
+
+    async def set_repository_state(self, secondary: str, repository: str, **values: object) -> None:
+        """Create or update the row of (secondary, repository) with `values`."""
+        now = time.time()
+        insert = self._insert(RepositoryState).values(
+            secondary=secondary, repository=repository, updated_at=now, **{"state": PENDING, "retry_count": 0, **values}
+        )
+        await self._execute(
+            insert.on_conflict_do_update(index_elements=["secondary", "repository"], set_={"updated_at": now, **values})
+        )
+
+    async def repository_synced(self, secondary: str, repository: str) -> None:
+        await self.set_repository_state(
+            secondary,
+            repository,
+            state=SYNCED,
+            retry_count=0,
+            retry_at=None,
+            last_failure=None,
+            last_synced_at=time.time(),
+        )
+
+    async def repository_failed(
+        self, secondary: str, repository: str, failure: str, *, base: float, cap: float
+    ) -> RepositoryState:
+        """Count one more failure and schedule the retry (exponential backoff with jitter, capped)."""
+        now = time.time()
+        async with self.transaction() as session:
+            row = await session.scalar(
+                select(RepositoryState)
+                .where(RepositoryState.secondary == secondary, RepositoryState.repository == repository)
+                .with_for_update()
+            )
+            if row is None:
+                row = RepositoryState(secondary=secondary, repository=repository, retry_count=0, updated_at=now)
+                session.add(row)
+            row.retry_count = (row.retry_count or 0) + 1
+            row.retry_at = now + min(cap, base * 2 ** (row.retry_count - 1)) * random.uniform(0.5, 1.0)
+            row.state, row.last_failure, row.updated_at = FAILED, failure[:2000], now
+            return row
+
+    async def repository_verified(self, secondary: str, repository: str, failure: str | None) -> None:
+        """Record a verification; a mismatch also sends the repository back to pending for a resync."""
+        values: dict[str, object] = {
+            "verification": MISMATCH if failure else VERIFIED,
+            "verified_at": time.time(),
+            "verification_failure": failure,
+        }
+        if failure:
+            values.update(state=PENDING, retry_at=None)
+        await self.set_repository_state(secondary, repository, **values)
+
+    async def forget_repository(self, secondary: str, repository: str) -> None:
+        async with self.transaction() as session:
+            await session.execute(
+                delete(RepositoryState).where(
+                    RepositoryState.secondary == secondary, RepositoryState.repository == repository
+                )
+            )
+
+    # --- leases and run records -------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> str | None:
+        """Take the lease `name` for `ttl` seconds; None if taken, else the holder that had it before."""
+        now = time.time()
+        async with self.transaction() as session:
+            lease = await session.get(Lease, name, with_for_update=True)
+            if lease is None:
+                session.add(Lease(name=name, holder=holder, expires_at=now + ttl))
+                return holder
+            if lease.expires_at > now and lease.holder != holder:
+                return None
+            lease.holder, lease.expires_at = holder, now + ttl
+            return holder
+
+    async def lease_holder(self, name: str) -> str | None:
+        async with self.transaction() as session:
+            lease = await session.get(Lease, name)
+            return lease.holder if lease is not None and lease.expires_at > time.time() else None
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        async with self.transaction() as session:
+            await session.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
+
+    async def run_started(self, kind: str, secondary: str) -> int:
+        async with self.transaction() as session:
+            record = RunRecord(kind=kind, secondary=secondary, started_at=time.time())
+            session.add(record)
+            await session.flush()
+            return record.id
+
+    async def run_finished(self, run_id: int, outcome: str, summary: str) -> None:
+        async with self.transaction() as session:
+            await session.execute(
+                update(RunRecord)
+                .where(RunRecord.id == run_id)
+                .values(finished_at=time.time(), outcome=outcome, summary=summary)
+            )
+
+    async def last_run(self, kind: str, secondary: str) -> RunRecord | None:
+        async with self.transaction() as session:
+            return await session.scalar(
+                select(RunRecord)
+                .where(RunRecord.kind == kind, RunRecord.secondary == secondary, RunRecord.finished_at.is_not(None))
+                .order_by(RunRecord.id.desc())
+                .limit(1)
+            )
+
+    async def _execute(self, statement) -> None:
+        async with self.transaction() as session:
+            await session.execute(statement)
 
 
 def _claim(row: WorkItem) -> Claim:

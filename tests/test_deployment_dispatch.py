@@ -157,3 +157,21 @@ def test_a_failed_run_is_retried_with_backoff_and_stays_visible(site: DeployedSi
     site.wait_replicated(repo_name, "retry", image.digest)
     wait_until(lambda: "COMPLETED" in site.flow_runs(name), deadline=60, what="the retried run to complete")
     assert site.flow_runs(name).count("COMPLETED") == 1
+
+
+def test_deploy_all_creates_every_deployment_with_its_schedule(site: DeployedSite):
+    from prefect.client.orchestration import PrefectClient
+
+    async def read() -> dict[str, list[str]]:
+        async with PrefectClient(site.server.api_url) as client:
+            deployments = await client.read_deployments()
+            return {
+                f"{d.entrypoint.split(':')[1]}/{d.name}": [s.schedule.cron for s in d.schedules] for d in deployments
+            }
+
+    assert asyncio.run(read()) == {
+        "replicate_image/replicate-image": [],
+        "delete_image/delete-image": [],
+        "backfill/backfill": ["0 */6 * * *"],
+        "verify/verify": ["30 3 * * *"],
+    }

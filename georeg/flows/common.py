@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from georeg.config import GeoregConfig, SecondaryConfig
-from georeg.errors import GeoregError, ReplicationError
+from georeg.errors import ReplicationError
 from georeg.registry import RegistryClient, primary_client, secondary_client
+from georeg.state import StateStore
 
 T = TypeVar("T")
 
@@ -30,22 +34,47 @@ async def for_each_secondary(
             return await step(primary, secondary)
 
     outcomes = await asyncio.gather(*(run(target) for target in targets), return_exceptions=True)
-    failures = [
-        f"{target.name}: {outcome}"
-        for target, outcome in zip(targets, outcomes, strict=True)
-        if isinstance(outcome, BaseException)
-    ]
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
             raise outcome  # cancellation and interrupts are not failures to summarise
+    if len(targets) == 1 and isinstance(outcomes[0], Exception):
+        raise outcomes[0]  # one secondary: its own error, with its own type
+    failures = [f"{t.name}: {o}" for t, o in zip(targets, outcomes, strict=True) if isinstance(o, Exception)]
     if failures:
-        if len(failures) == 1 and isinstance(outcomes[0], GeoregError) and len(targets) == 1:
-            raise outcomes[0]
         raise ReplicationError("; ".join(failures))
     return list(outcomes)  # type: ignore[arg-type]
 
 
-async def bounded(semaphore: asyncio.Semaphore, work: Awaitable[T]) -> T:
-    """Await `work` once `semaphore` has room: bounds how many copies run at once."""
-    async with semaphore:
-        return await work
+@contextlib.asynccontextmanager
+async def open_state(config: GeoregConfig) -> AsyncIterator[StateStore]:
+    """The state database for the length of a flow run (tables created on first use)."""
+    store = StateStore(config.state.url)
+    try:
+        await store.create_tables()
+        yield store
+    finally:
+        await store.close()
+
+
+async def record_event_outcome(
+    store: StateStore, config: GeoregConfig, secondary: str, repository: str, reference: str, error: Exception | None
+) -> None:
+    """The event path's part in the sync state: a failure fails the repository naming the tag; a
+    success only makes the repository known (synced is for a backfill, which sees every tag)."""
+    if error is None:
+        await store.set_repository_state(secondary, repository)
+    else:
+        await store.repository_failed(
+            secondary,
+            repository,
+            f"tag {reference}: {error}",
+            base=config.replication.retry_backoff_base_seconds,
+            cap=config.replication.retry_backoff_cap_seconds,
+        )
+
+
+def run_holder() -> str:
+    """Who holds a lease: the flow run's id inside Prefect, else this process."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or f"{socket.gethostname()}:{os.getpid()}")

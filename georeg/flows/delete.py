@@ -7,7 +7,8 @@ from typing import Any
 from prefect import flow
 
 from georeg.config import load_config
-from georeg.flows.common import for_each_secondary
+from georeg.errors import GeoregError
+from georeg.flows.common import for_each_secondary, open_state, record_event_outcome
 from georeg.references import ImageReference, validate_reference, validate_repository
 from georeg.registry import RegistryClient
 from georeg.tasks import converge_deletion_task, with_retry_settings
@@ -24,9 +25,14 @@ async def delete_image(repository: str, reference: str, secondary: str | None = 
     image_reference = ImageReference(validate_repository(repository), validate_reference(reference))
 
     async def delete_from(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
-        deletion = await with_retry_settings(converge_deletion_task, config.replication)(
-            primary, target, image_reference
-        )
+        try:
+            deletion = await with_retry_settings(converge_deletion_task, config.replication)(
+                primary, target, image_reference
+            )
+        except GeoregError as error:
+            await record_event_outcome(store, config, target.name, repository, reference, error)
+            raise
+        await record_event_outcome(store, config, target.name, repository, reference, None)
         return {
             "secondary": target.name,
             "image": str(image_reference),
@@ -35,4 +41,5 @@ async def delete_image(repository: str, reference: str, secondary: str | None = 
             "restored_tags": list(deletion.restored_tags),
         }
 
-    return await for_each_secondary(config, secondary, delete_from)
+    async with open_state(config) as store:
+        return await for_each_secondary(config, secondary, delete_from)

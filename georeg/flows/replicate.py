@@ -9,10 +9,11 @@ from typing import Any
 from prefect import flow
 
 from georeg.config import load_config
-from georeg.flows.common import bounded, for_each_secondary
+from georeg.errors import GeoregError
+from georeg.flows.common import for_each_secondary, open_state, record_event_outcome
 from georeg.references import ImageReference, validate_reference, validate_repository
 from georeg.registry import RegistryClient
-from georeg.replication import BlobOutcome
+from georeg.replication import BlobOutcome, bounded
 from georeg.tasks import (
     copy_blob_task,
     put_manifests_task,
@@ -43,6 +44,15 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
     image_reference = ImageReference(validate_repository(repository), validate_reference(reference))
 
     async def replicate_to(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
+        try:
+            summary = await copy_image(primary, target)
+        except GeoregError as error:
+            await record_event_outcome(store, config, target.name, repository, reference, error)
+            raise
+        await record_event_outcome(store, config, target.name, repository, reference, None)
+        return summary
+
+    async def copy_image(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
         started = time.monotonic()
         image = await with_retry_settings(resolve_image_task, settings)(primary, image_reference)
         copy_blob = with_retry_settings(copy_blob_task, settings)
@@ -62,4 +72,5 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
             "seconds": round(time.monotonic() - started, 3),
         }
 
-    return await for_each_secondary(config, secondary, replicate_to)
+    async with open_state(config) as store:
+        return await for_each_secondary(config, secondary, replicate_to)

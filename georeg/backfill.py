@@ -1,0 +1,138 @@
+"""Bringing whole repositories on a secondary level with the primary: the backfill's logic.
+
+For each repository: compare tag -> digest on both sides (HEADs with every manifest media type, so
+indexes are never skipped), replicate what is missing or different, remove what the primary no
+longer has. When nothing differs, this costs only the listing and the HEADs. Every tag's outcome is
+collected: a repository counts as synced only if every tag in it succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+
+from georeg.config import ReplicationConfig
+from georeg.errors import GeoregError
+from georeg.references import ImageReference
+from georeg.registry import RegistryClient
+from georeg.replication import BlobOutcome, DeletionOutcome, bounded, converge_deletion, replicate
+
+_HEADS_IN_FLIGHT = 16
+
+
+async def list_repositories(
+    primary: RegistryClient, secondary: RegistryClient, settings: ReplicationConfig
+) -> list[str]:
+    """Every repository on either side that the filters want (the secondary's own, to clean them up)."""
+
+    async def names(client: RegistryClient) -> set[str]:
+        return {name async for name in client.catalog()}
+
+    found = set().union(*await asyncio.gather(names(primary), names(secondary)))
+    return sorted(name for name in found if settings.repositories.wants(name))
+
+
+async def tag_digests(client: RegistryClient, repository: str, settings: ReplicationConfig) -> dict[str, str]:
+    """tag -> digest for the wanted tags of `repository` (empty if the repository does not exist)."""
+    tags = [tag for tag in await client.tags(repository) if settings.tags.wants(tag)]
+    room = asyncio.Semaphore(_HEADS_IN_FLIGHT)
+    heads = await asyncio.gather(*(bounded(room, client.head_manifest(repository, tag)) for tag in tags))
+    return {tag: head.digest for tag, head in zip(tags, heads, strict=True) if head is not None}
+
+
+def tags_checksum(digests: dict[str, str]) -> str:
+    """One value for a repository's tag -> digest list: equal on both sides means equal content."""
+    listing = "".join(f"{tag} {digest}\n" for tag, digest in sorted(digests.items()))
+    return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
+
+
+@dataclass
+class RepositorySync:
+    """What a backfill did (or, in a dry run, would do) to one repository."""
+
+    repository: str
+    copied: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # tag (or "*" for the whole repository) -> why
+    unchanged: int = 0
+    bytes_copied: int = 0
+    blobs: dict[str, int] = field(default_factory=lambda: {outcome.value: 0 for outcome in BlobOutcome})
+    transient: bool = False  # whether another attempt may fix the failures
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def failure_summary(self) -> str:
+        return "; ".join(f"tag {tag}: {why}" if tag != "*" else why for tag, why in sorted(self.failed.items()))
+
+    def as_row(self) -> dict[str, object]:
+        return {
+            "repository": self.repository,
+            "replicated": len(self.copied),
+            "removed": len(self.removed),
+            "failed": len(self.failed),
+            "unchanged": self.unchanged,
+            "bytes copied": self.bytes_copied,
+            "failure": self.failure_summary(),
+        }
+
+
+class RepositorySyncFailed(GeoregError):
+    """Some tags of a repository could not be made equal; carries the full result."""
+
+    def __init__(self, result: RepositorySync) -> None:
+        super().__init__(f"{result.repository}: {result.failure_summary()}")
+        self.result = result
+        self.transient = result.transient
+
+
+async def sync_repository(
+    primary: RegistryClient,
+    secondary: RegistryClient,
+    repository: str,
+    settings: ReplicationConfig,
+    *,
+    dry_run: bool = False,
+) -> RepositorySync:
+    """Make `repository` on the secondary equal to the primary's; raise RepositorySyncFailed if any tag failed."""
+    result = RepositorySync(repository)
+    wanted, present = await asyncio.gather(
+        tag_digests(primary, repository, settings), tag_digests(secondary, repository, settings)
+    )
+    to_copy = sorted(tag for tag, digest in wanted.items() if present.get(tag) != digest)
+    to_remove = sorted(set(present) - set(wanted)) if settings.delete_extra_tags else []
+    result.unchanged = len(wanted) - len(to_copy)
+    if dry_run:
+        result.copied, result.removed = to_copy, to_remove
+        return result
+
+    for tag in to_copy:
+        try:
+            image = await replicate(
+                primary, secondary, ImageReference(repository, tag), concurrency=settings.concurrency
+            )
+        except GeoregError as error:
+            _record_failure(result, tag, error)
+            continue
+        result.copied.append(tag)
+        result.bytes_copied += image.bytes_copied
+        for outcome in BlobOutcome:
+            result.blobs[outcome.value] += image.count(outcome)
+    for tag in to_remove:
+        try:
+            deletion = await converge_deletion(primary, secondary, ImageReference(repository, tag))
+        except GeoregError as error:
+            _record_failure(result, tag, error)
+            continue
+        if deletion.outcome is DeletionOutcome.REMOVED:
+            result.removed.append(tag)
+    if result.failed:
+        raise RepositorySyncFailed(result)
+    return result
+
+
+def _record_failure(result: RepositorySync, tag: str, error: GeoregError) -> None:
+    result.failed[tag] = str(error)
+    result.transient = result.transient or error.transient

@@ -1,0 +1,76 @@
+"""The `verify` flow: check, without trusting georeg's records, that each secondary matches the primary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import acreate_table_artifact
+
+from georeg.config import GeoregConfig, load_config
+from georeg.errors import ReplicationError
+from georeg.flows.common import for_each_secondary, open_state
+from georeg.progress import Progress, artifact_key
+from georeg.registry import RegistryClient
+from georeg.replication import bounded
+from georeg.state import StateStore
+from georeg.tasks import list_repositories_task, verify_repository_task, with_retry_settings
+from georeg.verification import RepositoryVerification
+
+
+@flow(name="verify")
+async def verify(secondary: str | None = None, deep: bool = False) -> list[dict[str, Any]]:
+    """Compare each repository's (tag, digest) checksum on both sides; with `deep`, also check that
+    every blob the secondary's manifests reference is there with the right size. A mismatch sends
+    the repository back to pending, so the next backfill resyncs it, and fails the run.
+    """
+    config = load_config()
+    async with open_state(config) as store:
+
+        async def verify_one(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
+            return await _verify_secondary(config, store, primary, target, deep)
+
+        return await for_each_secondary(config, secondary, verify_one)
+
+
+async def _verify_secondary(
+    config: GeoregConfig, store: StateStore, primary: RegistryClient, target: RegistryClient, deep: bool
+) -> dict[str, Any]:
+    settings = config.replication
+    run_id = await store.run_started("verify", target.name)
+    repositories = await with_retry_settings(list_repositories_task, settings)(primary, target, settings)
+    progress = Progress(artifact_key("verify", target.name), f"Verification of {target.name}", len(repositories))
+    await progress.start()
+    check = with_retry_settings(verify_repository_task, settings)
+
+    async def verify_repository(repository: str) -> RepositoryVerification:
+        result = await check(primary, target, repository, settings, deep)
+        await store.repository_verified(target.name, repository, result.failure())
+        await progress.advance()
+        return result
+
+    room = asyncio.Semaphore(settings.concurrency)
+    results = await asyncio.gather(*(bounded(room, verify_repository(name)) for name in repositories))
+    mismatched = [result for result in results if not result.ok]
+    await acreate_table_artifact(
+        table=[
+            {"repository": r.repository, "verified": r.ok, "blobs checked": r.blobs_checked, "problem": r.failure()}
+            for r in results
+        ],
+        key=artifact_key("verify", target.name, "report"),
+        description=f"Verification of {target.name}{' (deep)' if deep else ''}",
+    )
+    summary = {
+        "secondary": target.name,
+        "repositories": len(results),
+        "verified": len(results) - len(mismatched),
+        "mismatched": len(mismatched),
+        "blobs_checked": sum(r.blobs_checked for r in results),
+    }
+    await store.run_finished(run_id, "failed" if mismatched else "completed", json.dumps(summary))
+    if mismatched:
+        named = "; ".join(f"{r.repository}: {r.failure()}" for r in mismatched[:3])
+        raise ReplicationError(f"{len(mismatched)} of {len(results)} repositories differ: {named}")
+    return summary

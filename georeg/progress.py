@@ -1,0 +1,60 @@
+"""Progress of long flows: a Prefect progress artifact in the UI and, when the CLI runs the flow in its
+own process, a progress bar (the CLI installs a listener for the duration of the run)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from uuid import UUID
+
+logger = logging.getLogger("georeg.progress")
+
+Listener = Callable[[str, int, int], None]  # (what, done, total)
+_listener: ContextVar[Listener | None] = ContextVar("georeg_progress_listener", default=None)
+
+
+@contextlib.contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    token = _listener.set(listener)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+class Progress:
+    def __init__(self, key: str, what: str, total: int) -> None:
+        self.key, self.what, self.total = key, what, total
+        self.done = 0
+        self._artifact: UUID | None = None
+        self._shown = -1.0
+
+    async def start(self) -> None:
+        from prefect.artifacts import acreate_progress_artifact
+
+        self._artifact = await acreate_progress_artifact(0.0, key=self.key, description=self.what)
+        self._notify()
+
+    async def advance(self) -> None:
+        from prefect.artifacts import aupdate_progress_artifact
+
+        self.done += 1
+        self._notify()
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        # One update per whole percent: a backfill of 100,000 repositories does not send 100,000 updates.
+        if self._artifact is not None and (int(percent) > int(self._shown) or self.done == self.total):
+            self._shown = percent
+            await aupdate_progress_artifact(self._artifact, percent)
+
+    def _notify(self) -> None:
+        listener = _listener.get()
+        if listener is not None:
+            listener(self.what, self.done, self.total)

@@ -1,0 +1,80 @@
+"""The sync status of each secondary, as GitLab Geo's nodes dashboard shows it: from the state database,
+without asking any registry. `georeg status --json` and `GET /status` emit `collect_status()`'s document."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections import Counter
+from typing import Any
+
+from georeg.config import GeoregConfig
+from georeg.state import FAILED, MISMATCH, PENDING, STARTED, SYNCED, VERIFIED, RunRecord, StateStore
+
+STATUS_VERSION = 1
+_FAILURES_SHOWN = 10
+
+
+async def collect_status(config: GeoregConfig, store: StateStore) -> dict[str, Any]:
+    """A stable JSON document: `version`, `generated_at`, and one entry per secondary."""
+    return {
+        "version": STATUS_VERSION,
+        "generated_at": _iso(time.time()),
+        "secondaries": [
+            await _secondary_status(store, secondary.name, secondary.url) for secondary in config.secondaries
+        ],
+    }
+
+
+async def _secondary_status(store: StateStore, name: str, url: str) -> dict[str, Any]:
+    states = list((await store.repository_states(name)).values())
+    count = Counter(state.state for state in states)
+    verification = Counter(state.verification for state in states)
+    oldest = await store.oldest_owed_event(name)
+    failing = sorted((s for s in states if s.state == FAILED), key=lambda s: s.updated_at, reverse=True)
+    return {
+        "name": name,
+        "url": url,
+        "repositories": {
+            "total": len(states),
+            "synced": count[SYNCED],
+            "failed": count[FAILED],
+            "pending": count[PENDING] + count[STARTED],
+        },
+        "synced_percent": round(100.0 * count[SYNCED] / len(states), 1) if states else None,
+        "verification": {
+            "verified": verification[VERIFIED],
+            "failed": verification[MISMATCH],
+            "unverified": len(states) - verification[VERIFIED] - verification[MISMATCH],
+        },
+        "oldest_unsynced_event": _iso(oldest),
+        "last_backfill": _run(await store.last_run("backfill", name)),
+        "last_verification": _run(await store.last_run("verify", name)),
+        "failures": [
+            {
+                "repository": state.repository,
+                "retry_count": state.retry_count,
+                "retry_at": _iso(state.retry_at),
+                "last_failure": state.last_failure,
+            }
+            for state in failing[:_FAILURES_SHOWN]
+        ],
+    }
+
+
+def _run(record: RunRecord | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {
+        "started_at": _iso(record.started_at),
+        "finished_at": _iso(record.finished_at),
+        "outcome": record.outcome,
+        "summary": json.loads(record.summary or "{}"),
+    }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,35 @@
+"""The backfill's and verification's units as Prefect tasks (the logic: `georeg.backfill`, `georeg.verification`).
+
+A repository is one task: a retry redoes the whole repository, which costs only its listing and
+HEADs for what was already copied.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+
+from georeg import backfill, verification
+from georeg.config import ReplicationConfig
+from georeg.registry import RegistryClient
+from georeg.tasks.retries import RETRYING
+
+
+@task(name="list-repositories", **RETRYING)
+async def list_repositories_task(
+    primary: RegistryClient, secondary: RegistryClient, settings: ReplicationConfig
+) -> list[str]:
+    return await backfill.list_repositories(primary, secondary, settings)
+
+
+@task(name="sync-repository", task_run_name="sync {repository}", **RETRYING)
+async def sync_repository_task(
+    primary: RegistryClient, secondary: RegistryClient, repository: str, settings: ReplicationConfig, dry_run: bool
+) -> backfill.RepositorySync:
+    return await backfill.sync_repository(primary, secondary, repository, settings, dry_run=dry_run)
+
+
+@task(name="verify-repository", task_run_name="verify {repository}", **RETRYING)
+async def verify_repository_task(
+    primary: RegistryClient, secondary: RegistryClient, repository: str, settings: ReplicationConfig, deep: bool
+) -> verification.RepositoryVerification:
+    return await verification.verify_repository(primary, secondary, repository, settings, deep=deep)

@@ -1,0 +1,286 @@
+"""The backfill and verify flows and the sync status, against fresh real registries per test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from georeg.config import load_config
+from georeg.errors import ReplicationError
+from georeg.flows import backfill, verify
+from georeg.state import StateStore
+from tests.conftest import RegistryPair
+from tests.support.images import Image, Pusher, build_image, build_index, build_signature
+from tests.support.proxy import FaultProxy
+from tests.support.registry import RegistryProcess
+
+pytestmark = pytest.mark.usefixtures("prefect_api_url")
+
+
+@pytest.fixture
+def fresh_pair(tmp_path: Path) -> Iterator[RegistryPair]:
+    """An empty primary and secondary of this test's own: backfill sees every repository there is."""
+    with RegistryProcess(tmp_path / "primary") as primary, RegistryProcess(tmp_path / "secondary") as secondary:
+        yield RegistryPair(primary, secondary, None)
+
+
+def populate(pair: RegistryPair, count: int = 22) -> dict[str, dict[str, Image]]:
+    """`count` repositories: docker and OCI images, docker and OCI multi-arch indexes, signature tags."""
+    repositories: dict[str, dict[str, Image]] = {}
+    with Pusher(pair.primary.url) as pusher:
+        for number in range(count):
+            kind = ("docker", "oci")[number % 2]
+            if number % 4 < 2:
+                image = build_image(kind, layer_sizes=[512, 1024])
+            else:
+                children = [
+                    build_image(kind, platform=("linux", arch), layer_sizes=[256]) for arch in ("amd64", "arm64")
+                ]
+                image = build_index(children, kind=kind)
+            tags = {"v1": image, "latest": image}
+            if number % 5 == 0:
+                signature_tag, signature = build_signature(image)
+                tags[signature_tag] = signature
+            repository = f"team{number % 3}/app{number}"
+            for tag, tagged in tags.items():
+                pusher.push_image(repository, tagged, tag)
+            repositories[repository] = tags
+    return repositories
+
+
+def listing(url: str, repositories: list[str]) -> dict[str, dict[str, str | None]]:
+    """repository -> tag -> digest, as a registry serves them."""
+    with Pusher(url) as client:
+        return {
+            repo: {tag: client.head_manifest(repo, tag) for tag in sorted(client.tags(repo))} for repo in repositories
+        }
+
+
+def assert_equal_sides(pair: RegistryPair, repositories: list[str]) -> None:
+    primary, secondary = listing(pair.primary.url, repositories), listing(pair.secondary.url, repositories)
+    assert secondary == primary
+
+
+def status_json(config: Path) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "georeg.cli", "--config", str(config), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+async def repository_states(config_path: Path) -> dict:
+    store = StateStore(load_config(config_path).state.url)
+    try:
+        return await store.repository_states("secondary")
+    finally:
+        await store.close()
+
+
+async def test_backfill_converges_an_empty_secondary_then_follows_changes(fresh_pair, write_config):
+    pair = fresh_pair
+    repositories = populate(pair)
+    names = sorted(repositories)
+    config = write_config(pair.primary.url, pair.secondary.url)
+    before = status_json(config)["secondaries"][0]
+    assert before["repositories"]["total"] == 0 and before["last_backfill"] is None
+
+    [summary] = await backfill()
+
+    assert summary["repositories"] == 22 and summary["failed"] == 0
+    assert summary["tags_replicated"] == sum(len(tags) for tags in repositories.values())
+    assert_equal_sides(pair, names)
+    status = status_json(config)["secondaries"][0]
+    assert status["repositories"] == {"total": 22, "synced": 22, "failed": 0, "pending": 0}
+    assert status["synced_percent"] == 100.0 and status["last_backfill"]["outcome"] == "completed"
+
+    # The primary moves on: a tag deleted, a tag moved to another image, new tags, a new repository.
+    with Pusher(pair.primary.url) as pusher:
+        first, second = names[0], names[1]
+        doomed = repositories[first]["v1"]
+        pusher.delete_manifest(first, doomed.digest)  # drops v1 and latest (and nothing else)
+        pusher.push_image(first, build_image("oci"), "v2")
+        pusher.push_image(second, build_image("docker"), "latest")  # retag: latest now differs from v1
+        pusher.push_image("brand/new", build_image("oci"), "1.0")
+
+    [again] = await backfill()
+
+    assert again["failed"] == 0 and again["tags_removed"] >= 2 and again["tags_replicated"] == 3
+    assert_equal_sides(pair, [*names, "brand/new"])
+    assert status_json(config)["secondaries"][0]["repositories"]["synced"] == 23
+
+
+async def test_a_noop_resync_sends_nothing_but_listing_and_heads(fresh_pair, write_config):
+    pair = fresh_pair
+    populate(pair, count=6)
+    with FaultProxy(pair.secondary.url) as secondary_proxy:
+        write_config(pair.primary.url, secondary_proxy.url)
+        await backfill()
+        secondary_proxy.clear()
+
+        [summary] = await backfill()
+
+        assert summary["tags_replicated"] == 0 and summary["bytes_copied"] == 0
+        assert {r.method for r in secondary_proxy.requests} <= {"GET", "HEAD"}
+        assert not any("/blobs/" in r.path for r in secondary_proxy.requests)
+
+
+async def test_one_uncopyable_tag_fails_its_repository_by_name_and_is_retried(fresh_pair, write_config):
+    pair = fresh_pair
+    repositories = populate(pair, count=4)
+    victim = sorted(repositories)[0]
+    with FaultProxy(pair.secondary.url) as secondary_proxy:
+        secondary_proxy.add_fault(
+            "PUT",
+            rf"/v2/{victim}/manifests/v1$",
+            status=400,
+            times=1000,
+            body=b'{"errors":[{"code":"MANIFEST_INVALID","message":"refused for the test"}]}',
+        )
+        config = write_config(
+            pair.primary.url, secondary_proxy.url, replication={"retry_backoff_base_seconds": 0, "task_retries": 0}
+        )
+
+        with pytest.raises(
+            ReplicationError, match=rf"1 of 4 repositories failed: {victim} \(tag v1: .*MANIFEST_INVALID"
+        ):
+            await backfill()
+
+        state = (await repository_states(config))[victim]
+        assert (state.state, state.retry_count) == ("failed", 1)
+        assert "tag v1" in state.last_failure and "MANIFEST_INVALID" in state.last_failure
+        status = status_json(config)["secondaries"][0]
+        assert status["repositories"] == {"total": 4, "synced": 3, "failed": 1, "pending": 0}
+        assert status["failures"][0]["repository"] == victim
+
+        with pytest.raises(ReplicationError):
+            await backfill()  # retry_at has passed (base 0): tried again, failed again
+
+        assert (await repository_states(config))[victim].retry_count == 2
+
+
+async def test_verify_detects_a_tag_changed_behind_georegs_back(fresh_pair, write_config):
+    pair = fresh_pair
+    repositories = populate(pair, count=4)
+    tampered = sorted(repositories)[2]
+    config = write_config(pair.primary.url, pair.secondary.url)
+    await backfill()
+    [clean] = await verify(deep=True)
+    assert clean["mismatched"] == 0 and clean["blobs_checked"] > 0
+
+    with Pusher(pair.secondary.url) as secondary:
+        secondary.push_image(tampered, build_image("docker"), "v1")
+
+    with pytest.raises(ReplicationError, match=rf"1 of 4 repositories differ: {tampered}: tag v1 is sha256:"):
+        await verify()
+
+    state = (await repository_states(config))[tampered]
+    assert (state.verification, state.state) == ("mismatch", "pending")  # marked for resync
+    assert status_json(config)["secondaries"][0]["verification"] == {"verified": 3, "failed": 1, "unverified": 0}
+    await backfill()
+    [repaired] = await verify()
+    assert repaired["mismatched"] == 0
+
+
+async def test_deep_verify_finds_a_missing_blob(fresh_pair, write_config):
+    pair = fresh_pair
+    image = build_image("oci", layer_sizes=[2048])
+    with Pusher(pair.primary.url) as pusher:
+        pusher.push_image("deep/app", image, "v1")
+    write_config(pair.primary.url, pair.secondary.url)
+    await backfill()
+    layer = image.blobs[1]
+    data = Path(
+        pair.secondary.workdir
+        / "storage/docker/registry/v2/blobs/sha256"
+        / layer.digest[7:9]
+        / layer.digest[7:]
+        / "data"
+    )
+    data.unlink()  # lost on the secondary's disk
+
+    await verify()  # the tags still match
+    with pytest.raises(ReplicationError, match=f"blob {layer.digest} missing on the secondary"):
+        await verify(deep=True)
+
+
+async def test_filters_limit_what_a_backfill_touches(fresh_pair, write_config):
+    pair = fresh_pair
+    repositories = populate(pair, count=6)
+    write_config(
+        pair.primary.url,
+        pair.secondary.url,
+        replication={"repositories": {"include": ["team1/*"]}, "tags": {"exclude": "latest|sha256-.*"}},
+    )
+
+    [summary] = await backfill()
+
+    wanted = sorted(name for name in repositories if name.startswith("team1/"))
+    assert summary["repositories"] == len(wanted)
+    with Pusher(pair.secondary.url) as secondary:
+        for name in repositories:
+            assert secondary.tags(name) == (["v1"] if name in wanted else [])
+
+
+async def test_dry_run_reports_and_changes_nothing(fresh_pair, write_config):
+    pair = fresh_pair
+    repositories = populate(pair, count=3)
+    config = write_config(pair.primary.url, pair.secondary.url)
+
+    [summary] = await backfill(dry_run=True)
+
+    assert summary["tags_replicated"] == sum(len(tags) for tags in repositories.values())
+    with Pusher(pair.secondary.url) as secondary:
+        assert all(secondary.tags(name) == [] for name in repositories)
+    assert status_json(config)["secondaries"][0]["repositories"]["total"] == 0
+
+
+async def test_a_second_backfill_does_not_overlap_a_running_one(fresh_pair, write_config):
+    pair = fresh_pair
+    populate(pair, count=2)
+    config = write_config(pair.primary.url, pair.secondary.url)
+    store = StateStore(load_config(config).state.url)
+    await store.create_tables()
+    assert await store.acquire_lease("backfill:secondary", "another-run", 60) == "another-run"
+    try:
+        [result] = await backfill()
+    finally:
+        await store.close()
+
+    assert result["skipped"] == "a backfill of secondary is already running (another-run)"
+    with Pusher(pair.secondary.url) as secondary:
+        assert secondary.tags("team0/app0") == []
+
+
+async def test_the_backfill_publishes_a_table_artifact(fresh_pair, write_config):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    pair = fresh_pair
+    repositories = populate(pair, count=3)
+    write_config(pair.primary.url, pair.secondary.url)
+    await backfill()
+
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["backfill-secondary-report"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+        progress = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["backfill-secondary"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    rows = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
+    assert sorted(row["repository"] for row in rows) == sorted(repositories)
+    assert progress and float(progress[0].data) == 100.0
