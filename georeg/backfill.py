@@ -17,6 +17,7 @@ from georeg.errors import GeoregError
 from georeg.references import ImageReference
 from georeg.registry import RegistryClient
 from georeg.replication import BlobOutcome, DeletionOutcome, bounded, converge_deletion, replicate
+from georeg.storage_adapters import StorageAdapter
 
 _HEADS_IN_FLIGHT = 16
 
@@ -53,10 +54,12 @@ class RepositorySync:
 
     repository: str
     copied: list[str] = field(default_factory=list)
+    confirmed: list[str] = field(default_factory=list)  # shared storage: present and checked, nothing sent
     removed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # tag (or "*" for the whole repository) -> why
     unchanged: int = 0
     bytes_copied: int = 0
+    bytes_skipped: int = 0
     blobs: dict[str, int] = field(default_factory=lambda: {outcome.value: 0 for outcome in BlobOutcome})
     transient: bool = False  # whether another attempt may fix the failures
 
@@ -71,10 +74,12 @@ class RepositorySync:
         return {
             "repository": self.repository,
             "replicated": len(self.copied),
+            "confirmed": len(self.confirmed),
             "removed": len(self.removed),
             "failed": len(self.failed),
             "unchanged": self.unchanged,
             "bytes copied": self.bytes_copied,
+            "bytes skipped": self.bytes_skipped,
             "failure": self.failure_summary(),
         }
 
@@ -95,13 +100,18 @@ async def sync_repository(
     settings: ReplicationConfig,
     *,
     dry_run: bool = False,
+    shared_storage: StorageAdapter | None = None,
 ) -> RepositorySync:
-    """Make `repository` on the secondary equal to the primary's; raise RepositorySyncFailed if any tag failed."""
+    """Make `repository` on the secondary equal to the primary's; raise RepositorySyncFailed if any tag failed.
+
+    `shared_storage` is the secondary's storage when the primary shares it: tags are confirmed, not copied."""
     result = RepositorySync(repository)
     wanted, present = await asyncio.gather(
         tag_digests(primary, repository, settings), tag_digests(secondary, repository, settings)
     )
-    to_copy = sorted(tag for tag, digest in wanted.items() if present.get(tag) != digest)
+    # On shared storage both sides list the same tags by construction: every tag is confirmed instead,
+    # because what makes it synced is that its manifests and blobs really are there.
+    to_copy = sorted(tag for tag, digest in wanted.items() if shared_storage or present.get(tag) != digest)
     to_remove = sorted(set(present) - set(wanted)) if settings.delete_extra_tags else []
     result.unchanged = len(wanted) - len(to_copy)
     if dry_run:
@@ -111,13 +121,18 @@ async def sync_repository(
     for tag in to_copy:
         try:
             image = await replicate(
-                primary, secondary, ImageReference(repository, tag), concurrency=settings.concurrency
+                primary,
+                secondary,
+                ImageReference(repository, tag),
+                concurrency=settings.concurrency,
+                shared_storage=shared_storage,
             )
         except GeoregError as error:
             _record_failure(result, tag, error)
             continue
-        result.copied.append(tag)
+        (result.confirmed if shared_storage else result.copied).append(tag)
         result.bytes_copied += image.bytes_copied
+        result.bytes_skipped += image.bytes_skipped
         for outcome in BlobOutcome:
             result.blobs[outcome.value] += image.count(outcome)
     for tag in to_remove:

@@ -100,8 +100,9 @@ def _backfill(arguments: argparse.Namespace) -> int:
         verb = "would replicate" if result["dry_run"] else "replicated"
         print(
             f"{result['secondary']}: {result['repositories']} repositories, {verb} {result['tags_replicated']} tags, "
-            f"removed {result['tags_removed']}, {result['tags_unchanged']} unchanged, {result['deferred']} deferred; "
-            f"{_size(result['bytes_copied'])} sent"
+            f"confirmed {result['tags_confirmed']}, removed {result['tags_removed']}, {result['tags_unchanged']} "
+            f"unchanged, {result['deferred']} deferred; "
+            f"{_size(result['bytes_copied'])} sent, {_size(result['bytes_skipped'])} not needed ({result['mode']} mode)"
         )
     return 0
 
@@ -246,7 +247,7 @@ def _replicate(arguments: argparse.Namespace) -> int:
     results = _run(replicate_image, reference, arguments.secondary)
     for result in results:
         print(
-            f"{result['secondary']}: {result['image']} = {result['digest']} "
+            f"{result['secondary']} ({result['mode']}): {result['image']} = {result['digest']} "
             f"({result['blobs_copied']} blobs copied, {result['blobs_mounted']} mounted, "
             f"{result['blobs_present']} already present; {_size(result['bytes_copied'])} sent "
             f"in {result['seconds']:.2f} s{_rate(result['bytes_copied'], result['seconds'])})"

@@ -79,6 +79,11 @@ class RegistryConfig(_Strict):
 
 class SecondaryConfig(RegistryConfig):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    mode: Literal["auto", "copy", "shared"] = Field(
+        default="auto",
+        description="auto: shared when both storage blocks name the same location, else copy; "
+        "copy: always copy through the registry API; shared: insist on shared storage (refused if it is not)",
+    )
 
 
 class NotificationsConfig(_Strict):

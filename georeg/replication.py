@@ -24,6 +24,8 @@ import httpx
 from georeg.errors import IntegrityError, NotFound, ReplicationError, TransientRegistryError
 from georeg.references import ImageReference, is_digest
 from georeg.registry import Descriptor, Manifest, RegistryClient
+from georeg.storage_adapters import StorageAdapter
+from georeg.storage_adapters import blob_size as storage_blob_size
 
 logger = logging.getLogger("georeg.replication")
 T = TypeVar("T")
@@ -75,6 +77,7 @@ class BlobOutcome(str, Enum):
     PRESENT = "present"  # already linked in the repository: nothing sent
     MOUNTED = "mounted"  # linked from another repository of the secondary: nothing sent
     COPIED = "copied"  # streamed from the primary
+    SHARED = "shared"  # in the storage both registries share: nothing sent
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class BlobCopy:
     digest: str
     outcome: BlobOutcome
     bytes_sent: int
+    bytes_skipped: int = 0
 
 
 class BlobLocations:
@@ -141,14 +145,14 @@ async def copy_blob(
     """Make `blob` present in `repository` on the secondary: skip, mount, or stream it across."""
     if await secondary.blob_size(repository, blob.digest) is not None:
         locations.remember(secondary.url, blob.digest, repository)
-        return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0)
+        return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
     await locations.wait_for_copies(secondary.url, blob.digest)
     with locations.copying(secondary.url, blob.digest):
         mount_from = locations.find(secondary.url, blob.digest, other_than=repository)
         location = await secondary.start_upload(repository, mount_from=mount_from, digest=blob.digest)
         if location is None:
             locations.remember(secondary.url, blob.digest, repository)
-            return BlobCopy(blob.digest, BlobOutcome.MOUNTED, 0)
+            return BlobCopy(blob.digest, BlobOutcome.MOUNTED, 0, blob.size)
         try:
             if blob.size <= secondary.settings.monolithic_max:
                 await _upload_whole(primary, secondary, repository, blob, location)
@@ -269,20 +273,55 @@ class ImageReplication:
     def bytes_copied(self) -> int:
         return sum(copy.bytes_sent for copy in self.copies)
 
+    @property
+    def bytes_skipped(self) -> int:
+        return sum(copy.bytes_skipped for copy in self.copies)
+
     def count(self, outcome: BlobOutcome) -> int:
         return sum(copy.outcome is outcome for copy in self.copies)
 
 
 async def replicate(
-    primary: RegistryClient, secondary: RegistryClient, reference: ImageReference, *, concurrency: int
+    primary: RegistryClient,
+    secondary: RegistryClient,
+    reference: ImageReference,
+    *,
+    concurrency: int,
+    shared_storage: StorageAdapter | None = None,
 ) -> ImageReplication:
     """The whole procedure for one image in one call, for bulk work (backfill). The replicate-image
-    flow runs the same four steps as separate Prefect tasks, for their retries and visibility."""
+    flow runs the same steps as separate Prefect tasks, for their retries and visibility.
+
+    With `shared_storage` (the secondary's storage, which the primary shares), nothing is copied:
+    the image is confirmed instead."""
     image = await resolve_image(primary, reference)
-    copies = await copy_blobs(primary, secondary, image, concurrency)
-    await put_manifests(secondary, image)
+    if shared_storage is not None:
+        copies = await confirm_shared(secondary, shared_storage, image)
+    else:
+        copies = await copy_blobs(primary, secondary, image, concurrency)
+        await put_manifests(secondary, image)
     await verify_replica(secondary, image)
     return ImageReplication(reference, image.digest, len(image.manifests), tuple(copies))
+
+
+async def confirm_shared(secondary: RegistryClient, storage: StorageAdapter, image: ResolvedImage) -> list[BlobCopy]:
+    """Shared storage: what the primary wrote is the secondary's. Confirm it rather than trust it:
+    every manifest served by digest, every blob in the storage with its size. Missing is an error."""
+    repository = image.reference.repository
+    for manifest in image.manifests:
+        if await secondary.head_manifest(repository, manifest.digest) is None:
+            raise ReplicationError(
+                f"{secondary.name} does not serve manifest {manifest.digest} of {image.reference} although it "
+                "shares the primary's storage: check that both registries use the same storage block"
+            )
+    copies = []
+    for blob in image.blobs():
+        size = await asyncio.to_thread(storage_blob_size, storage, blob.digest)
+        if size != blob.size:
+            found = "is missing from" if size is None else f"has {size} bytes, not {blob.size}, in"
+            raise ReplicationError(f"blob {blob.digest} of {image.reference} {found} the shared storage")
+        copies.append(BlobCopy(blob.digest, BlobOutcome.SHARED, 0, blob.size))
+    return copies
 
 
 async def copy_blobs(

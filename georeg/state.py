@@ -21,9 +21,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -158,6 +160,7 @@ class StateStore:
         self._dialect = self.engine.dialect.name
         if self._dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin_immediate)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     async def create_tables(self) -> None:
@@ -451,9 +454,17 @@ def _claim(row: WorkItem) -> Claim:
     )
 
 
-def _sqlite_pragmas(connection, _record) -> None:
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     # WAL lets `georeg status` read while the receiver writes; busy_timeout waits instead of failing.
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+    # SQLAlchemy issues BEGIN itself (below), not the driver.
+    connection.isolation_level = None
+
+
+def _sqlite_begin_immediate(connection: Connection) -> None:
+    # A transaction that reads and then writes cannot be upgraded while another connection writes
+    # (SQLite answers "database is locked" at once, busy_timeout or not): take the write lock up front.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")

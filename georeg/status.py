@@ -9,7 +9,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from georeg.config import GeoregConfig
+from georeg.config import GeoregConfig, SecondaryConfig
+from georeg.errors import GeoregError
+from georeg.sharing import decide_mode
 from georeg.state import FAILED, MISMATCH, PENDING, STARTED, SYNCED, VERIFIED, RunRecord, StateStore
 
 STATUS_VERSION = 1
@@ -21,13 +23,12 @@ async def collect_status(config: GeoregConfig, store: StateStore) -> dict[str, A
     return {
         "version": STATUS_VERSION,
         "generated_at": _iso(time.time()),
-        "secondaries": [
-            await _secondary_status(store, secondary.name, secondary.url) for secondary in config.secondaries
-        ],
+        "secondaries": [await _secondary_status(config, store, secondary) for secondary in config.secondaries],
     }
 
 
-async def _secondary_status(store: StateStore, name: str, url: str) -> dict[str, Any]:
+async def _secondary_status(config: GeoregConfig, store: StateStore, secondary: SecondaryConfig) -> dict[str, Any]:
+    name = secondary.name
     states = list((await store.repository_states(name)).values())
     count = Counter(state.state for state in states)
     verification = Counter(state.verification for state in states)
@@ -35,7 +36,8 @@ async def _secondary_status(store: StateStore, name: str, url: str) -> dict[str,
     failing = sorted((s for s in states if s.state == FAILED), key=lambda s: s.updated_at, reverse=True)
     return {
         "name": name,
-        "url": url,
+        "url": secondary.url,
+        "mode": _mode(config, secondary),
         "repositories": {
             "total": len(states),
             "synced": count[SYNCED],
@@ -61,6 +63,15 @@ async def _secondary_status(store: StateStore, name: str, url: str) -> dict[str,
             for state in failing[:_FAILURES_SHOWN]
         ],
     }
+
+
+def _mode(config: GeoregConfig, secondary: SecondaryConfig) -> dict[str, str]:
+    """shared or copy, and why (as the flows decide it)."""
+    try:
+        decision = decide_mode(config, secondary)
+    except GeoregError as error:
+        return {"mode": "error", "reason": str(error)}
+    return {"mode": decision.mode.value, "reason": decision.reason}
 
 
 def _run(record: RunRecord | None) -> dict[str, Any] | None:

@@ -40,7 +40,7 @@ def test_replicate_copies_and_reports_the_digest(
     done = georeg("--config", str(config), "replicate", f"{repo_name}:v1", api_url=prefect_api_url)
 
     assert done.returncode == 0, done.stderr
-    assert last_line(done.stdout).startswith(f"secondary: {repo_name}:v1 = {image.digest} (3 blobs copied")
+    assert last_line(done.stdout).startswith(f"secondary (copy): {repo_name}:v1 = {image.digest} (3 blobs copied")
     assert " sent in " in last_line(done.stdout)
     with Pusher(pair.secondary.url, pair.token_setup) as secondary:
         assert secondary.head_manifest(repo_name, "v1") == image.digest

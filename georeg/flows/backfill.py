@@ -18,7 +18,9 @@ from georeg.flows.common import for_each_secondary, open_state, run_holder
 from georeg.progress import Progress, artifact_key
 from georeg.registry import RegistryClient
 from georeg.replication import bounded
+from georeg.sharing import decide_mode
 from georeg.state import FAILED, STARTED, RepositoryState, StateStore
+from georeg.storage_adapters import StorageAdapter
 from georeg.tasks import list_repositories_task, sync_repository_task, with_retry_settings
 
 logger = logging.getLogger("georeg.backfill")
@@ -76,6 +78,7 @@ async def _sync_all(
     config: GeoregConfig, store: StateStore, primary: RegistryClient, target: RegistryClient, dry_run: bool
 ) -> tuple[dict[str, Any], list[RepositorySync]]:
     settings = config.replication
+    mode = decide_mode(config, config.select_secondaries(target.name)[0])
     repositories = await with_retry_settings(list_repositories_task, settings)(primary, target, settings)
     states = await store.repository_states(target.name)
     due = [name for name in repositories if _due(states.get(name))]
@@ -83,7 +86,7 @@ async def _sync_all(
     await progress.start()
 
     async def sync(repository: str) -> RepositorySync:
-        result = await _sync_one(config, store, primary, target, repository, dry_run)
+        result = await _sync_one(config, store, primary, target, repository, dry_run, mode.storage)
         await progress.advance()
         return result
 
@@ -95,20 +98,24 @@ async def _sync_all(
     await acreate_table_artifact(
         table=[result.as_row() for result in results],
         key=artifact_key("backfill", target.name, "report"),
-        description=f"{'Dry run of the b' if dry_run else 'B'}ackfill of {target.name}",
+        description=f"{'Dry run of the b' if dry_run else 'B'}ackfill of {target.name} ({mode.mode.value} mode: "
+        f"{mode.reason})",
     )
     failed = [result for result in results if not result.ok]
     summary = {
         "secondary": target.name,
+        "mode": mode.mode.value,
         "dry_run": dry_run,
         "repositories": len(repositories),
         "deferred": len(repositories) - len(due),  # failed recently, waiting for their retry_at
         "synced": len(results) - len(failed),
         "failed": len(failed),
         "tags_replicated": sum(len(r.copied) for r in results),
+        "tags_confirmed": sum(len(r.confirmed) for r in results),
         "tags_removed": sum(len(r.removed) for r in results),
         "tags_unchanged": sum(r.unchanged for r in results),
         "bytes_copied": sum(r.bytes_copied for r in results),
+        "bytes_skipped": sum(r.bytes_skipped for r in results),
         "blobs": {kind: sum(r.blobs[kind] for r in results) for kind in results[0].blobs} if results else {},
     }
     return summary, failed
@@ -121,13 +128,14 @@ async def _sync_one(
     target: RegistryClient,
     repository: str,
     dry_run: bool,
+    shared_storage: StorageAdapter | None,
 ) -> RepositorySync:
     settings = config.replication
     if not dry_run:
         await store.set_repository_state(target.name, repository, state=STARTED)
     try:
         result = await with_retry_settings(sync_repository_task, settings)(
-            primary, target, repository, settings, dry_run
+            primary, target, repository, settings, dry_run, shared_storage
         )
     except RepositorySyncFailed as failure:
         result = failure.result

@@ -14,7 +14,9 @@ from georeg.flows.common import for_each_secondary, open_state, record_event_out
 from georeg.references import ImageReference, validate_reference, validate_repository
 from georeg.registry import RegistryClient
 from georeg.replication import BlobOutcome, bounded
+from georeg.sharing import decide_mode
 from georeg.tasks import (
+    confirm_shared_task,
     copy_blob_task,
     put_manifests_task,
     resolve_image_task,
@@ -29,7 +31,8 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
 
     Resolve the image on the primary (an index with every child), make every blob present on the
     secondary (skip, mount or stream), put the manifests children first and the tag last, then
-    check that the secondary serves the primary's digest.
+    check that the secondary serves the primary's digest. A secondary that shares the primary's
+    storage gets nothing copied: its manifests and blobs are confirmed instead.
 
     Args:
         repository: e.g. "group/app".
@@ -54,21 +57,27 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
 
     async def copy_image(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
         started = time.monotonic()
+        mode = decide_mode(config, config.select_secondaries(target.name)[0])
         image = await with_retry_settings(resolve_image_task, settings)(primary, image_reference)
-        copy_blob = with_retry_settings(copy_blob_task, settings)
-        room = asyncio.Semaphore(settings.concurrency)
-        copies = await asyncio.gather(
-            *(bounded(room, copy_blob(primary, target, repository, blob)) for blob in image.blobs())
-        )
-        await with_retry_settings(put_manifests_task, settings)(target, image)
+        if mode.storage is not None:
+            copies = await with_retry_settings(confirm_shared_task, settings)(target, mode.storage, image)
+        else:
+            copy_blob = with_retry_settings(copy_blob_task, settings)
+            room = asyncio.Semaphore(settings.concurrency)
+            copies = await asyncio.gather(
+                *(bounded(room, copy_blob(primary, target, repository, blob)) for blob in image.blobs())
+            )
+            await with_retry_settings(put_manifests_task, settings)(target, image)
         await with_retry_settings(verify_replica_task, settings)(target, image)
         return {
             "secondary": target.name,
+            "mode": mode.mode.value,
             "image": str(image_reference),
             "digest": image.digest,
             "manifests": len(image.manifests),
             **{f"blobs_{outcome.value}": sum(c.outcome is outcome for c in copies) for outcome in BlobOutcome},
             "bytes_copied": sum(c.bytes_sent for c in copies),
+            "bytes_skipped": sum(c.bytes_skipped for c in copies),
             "seconds": round(time.monotonic() - started, 3),
         }
 

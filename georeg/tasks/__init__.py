@@ -2,6 +2,7 @@
 
 from georeg.tasks.backfill import list_repositories_task, sync_repository_task, verify_repository_task
 from georeg.tasks.replication import (
+    confirm_shared_task,
     converge_deletion_task,
     copy_blob_task,
     put_manifests_task,
@@ -11,6 +12,7 @@ from georeg.tasks.replication import (
 from georeg.tasks.retries import retry_if_transient, with_retry_settings
 
 __all__ = [
+    "confirm_shared_task",
     "converge_deletion_task",
     "copy_blob_task",
     "list_repositories_task",

@@ -11,6 +11,7 @@ from prefect import task
 from georeg import backfill, verification
 from georeg.config import ReplicationConfig
 from georeg.registry import RegistryClient
+from georeg.storage_adapters import StorageAdapter
 from georeg.tasks.retries import RETRYING
 
 
@@ -23,9 +24,16 @@ async def list_repositories_task(
 
 @task(name="sync-repository", task_run_name="sync {repository}", **RETRYING)
 async def sync_repository_task(
-    primary: RegistryClient, secondary: RegistryClient, repository: str, settings: ReplicationConfig, dry_run: bool
+    primary: RegistryClient,
+    secondary: RegistryClient,
+    repository: str,
+    settings: ReplicationConfig,
+    dry_run: bool,
+    shared_storage: StorageAdapter | None,
 ) -> backfill.RepositorySync:
-    return await backfill.sync_repository(primary, secondary, repository, settings, dry_run=dry_run)
+    return await backfill.sync_repository(
+        primary, secondary, repository, settings, dry_run=dry_run, shared_storage=shared_storage
+    )
 
 
 @task(name="verify-repository", task_run_name="verify {repository}", **RETRYING)

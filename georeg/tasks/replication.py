@@ -7,6 +7,7 @@ from prefect import task
 from georeg import replication
 from georeg.references import ImageReference
 from georeg.registry import Descriptor, RegistryClient
+from georeg.storage_adapters import StorageAdapter
 from georeg.tasks.retries import RETRYING
 
 
@@ -20,6 +21,13 @@ async def copy_blob_task(
     primary: RegistryClient, secondary: RegistryClient, repository: str, blob: Descriptor
 ) -> replication.BlobCopy:
     return await replication.copy_blob(primary, secondary, repository, blob)
+
+
+@task(name="confirm-shared", task_run_name="confirm-shared {image.reference}", **RETRYING)
+async def confirm_shared_task(
+    secondary: RegistryClient, storage: StorageAdapter, image: replication.ResolvedImage
+) -> list[replication.BlobCopy]:
+    return await replication.confirm_shared(secondary, storage, image)
 
 
 @task(name="put-manifests", task_run_name="put-manifests {image.reference}", **RETRYING)
