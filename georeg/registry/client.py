@@ -264,6 +264,13 @@ class RegistryClient:
             try:
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as error:
+                if _is_certificate_error(error):
+                    raise PermanentRegistryError(
+                        f"{self.name}: TLS verification of {request.url.host} failed ({error}): set ca_file to the "
+                        "CA that signed its certificate (insecure: true turns verification off, for testing only)",
+                        method=method,
+                        url=request.url.path,
+                    ) from None
                 failure: RegistryError = TransientRegistryError(
                     f"{self.name}: {method} {request.url.path} failed: {type(error).__name__}: {error}",
                     method=method,
@@ -362,6 +369,15 @@ def _retry_delay(failure: RegistryError, attempt: int) -> float:
         return min(failure.retry_after, _MAX_RETRY_AFTER)
     # Exponential backoff with full jitter: 0.25 s, 0.5 s, 1 s, ... spread so callers do not retry in step.
     return random.uniform(0.5, 1.0) * min(8.0, 0.25 * 2 ** (attempt - 1))
+
+
+def _is_certificate_error(error: BaseException) -> bool:
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _tls_verification(config: RegistryConfig) -> ssl.SSLContext | bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from georeg.errors import ConfigError
+
+logger = logging.getLogger("georeg.registry")
 
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 # The registry compares `nbf` with its own clock; backdating tolerates a little skew, as GitLab does.
@@ -72,6 +76,7 @@ class TokenMinter:
 
 
 def _load_private_key(key_file: Path) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    _warn_if_exposed(key_file)
     try:
         key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as error:
@@ -121,3 +126,19 @@ def generate_key_pair(key_file: Path, cert_file: Path, *, key_type: str = "rsa",
     key_file.write_bytes(pem)
     cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return libtrust_key_id(private_key.public_key())
+
+
+def _warn_if_exposed(key_file: Path) -> None:
+    """Anyone who can read this key can mint tokens for every registry that trusts it."""
+    try:
+        mode = key_file.stat().st_mode
+    except OSError:
+        return  # the load that follows reports the real problem
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning(
+            "%s is readable by other users (mode %s): anyone who can read it can mint registry tokens; "
+            "run chmod 600 %s",
+            key_file,
+            oct(stat.S_IMODE(mode)),
+            key_file,
+        )

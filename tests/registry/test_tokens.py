@@ -186,3 +186,19 @@ async def test_real_registry_accepts_ec_signed_tokens(tmp_path: Path, repo_name:
         async with jwt_client(registry.url, setup, key_file=untrusted.key_path) as client:
             with pytest.raises(Unauthorized):
                 await client.head_manifest(repo_name, "v1")
+
+
+def test_a_key_readable_by_others_is_warned_about_without_its_content(tmp_path: Path, caplog) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = write_key(tmp_path / "registry.key", key)
+    path.chmod(0o644)
+    with caplog.at_level("WARNING", logger="georeg.registry"):
+        minter(path)
+    assert "readable by other users (mode 0o644)" in caplog.text and "chmod 600" in caplog.text
+    assert "PRIVATE KEY" not in caplog.text
+
+    caplog.clear()
+    path.chmod(0o600)
+    with caplog.at_level("WARNING", logger="georeg.registry"):
+        minter(path)
+    assert caplog.text == ""

@@ -151,7 +151,8 @@ class RegistryProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        scheme = "https" if self.config.get("http", {}).get("tls") else "http"
+        return f"{scheme}://127.0.0.1:{self._port}"
 
     @property
     def log_path(self) -> Path:
@@ -184,7 +185,7 @@ class RegistryProcess:
         """Poll GET /v2/ until 200 (open) or 401 (token auth) with a deadline."""
         deadline = time.monotonic() + START_DEADLINE_S
         assert self._process is not None
-        with httpx.Client(timeout=1.0) as client:
+        with httpx.Client(timeout=1.0, verify=False) as client:  # readiness only; tests check TLS themselves
             while time.monotonic() < deadline:
                 if self._process.poll() is not None:
                     raise RuntimeError(f"registry exited with {self._process.returncode}:\n{self.log_tail()}")
