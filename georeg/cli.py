@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     status = command("status", _status, "the sync status of each secondary, from georeg's state database")
     status.add_argument("--json", action="store_true", help="print the status as a JSON document")
 
+    command("limits", _limits, "create or update the per-registry limits in Prefect (at deploy time)")
+
     serve = command("serve", _serve, "receive the primary's notifications and start replication within seconds")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
@@ -206,6 +208,17 @@ def _progress_bar() -> Iterator[None]:
 
         with listening(update):
             yield
+
+
+def _limits(arguments: argparse.Namespace) -> int:
+    from georeg.limits import apply_limits
+
+    applied = asyncio.run(apply_limits(load_config()))
+    for name, value in applied:
+        print(f"{name}: {value:g}")
+    if not applied:
+        print("no limits configured (max_concurrent_copies / requests_per_second per registry)")
+    return 0
 
 
 def _serve(arguments: argparse.Namespace) -> int:

@@ -68,6 +68,12 @@ class RegistryConfig(_Strict):
     )
     ca_file: Path | None = None
     insecure: bool = Field(default=False, description="skip TLS verification (only for testing)")
+    max_concurrent_copies: int | None = Field(
+        default=None, ge=1, le=10_000, description="blob copies in flight against this registry, across all workers"
+    )
+    requests_per_second: float | None = Field(
+        default=None, gt=0, le=100_000, description="requests per second to this registry, across all workers"
+    )
 
     @field_validator("url")
     @classmethod
@@ -171,6 +177,16 @@ class ReplicationConfig(_Strict):
     retry_delay_seconds: float = Field(default=2.0, ge=0, le=600)
 
 
+class BackfillConfig(_Strict):
+    """How a backfill shares its work when it runs as a deployment (workers may be on many machines)."""
+
+    fan_out: bool = Field(
+        default=True, description="split into flow runs of batch_deployment, for any worker of the pool to take"
+    )
+    batch_size: int = Field(default=100, ge=1, le=100_000, description="repositories per batch flow run")
+    batch_deployment: str = "backfill-batch/backfill-batch"
+
+
 class GeoregConfig(_Strict):
     primary: RegistryConfig
     secondaries: list[SecondaryConfig] = Field(min_length=1)
@@ -178,6 +194,7 @@ class GeoregConfig(_Strict):
     state: StateConfig = StateConfig()
     replication: ReplicationConfig = ReplicationConfig()
     dispatch: DispatchConfig = DispatchConfig()
+    backfill: BackfillConfig = BackfillConfig()
 
     @field_validator("dispatch", mode="before")
     @classmethod

@@ -154,10 +154,12 @@ async def copy_blob(
             locations.remember(secondary.url, blob.digest, repository)
             return BlobCopy(blob.digest, BlobOutcome.MOUNTED, 0, blob.size)
         try:
-            if blob.size <= secondary.settings.monolithic_max:
-                await _upload_whole(primary, secondary, repository, blob, location)
-            else:
-                await _upload_in_chunks(primary, secondary, repository, blob, location)
+            # Limits that hold across workers: one slot of each registry while bytes move.
+            async with primary.limits.copy_slot(), secondary.limits.copy_slot():
+                if blob.size <= secondary.settings.monolithic_max:
+                    await _upload_whole(primary, secondary, repository, blob, location)
+                else:
+                    await _upload_in_chunks(primary, secondary, repository, blob, location)
         except BaseException:
             # Never leave an upload session behind; shielded so a cancelled task still cleans up.
             await asyncio.shield(secondary.cancel_upload(location))

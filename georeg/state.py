@@ -186,21 +186,25 @@ class StateStore:
         new = 0
         async with self.transaction() as session:
             for accepted in events:
-                exists = await session.scalar(select(JournalEvent.id).where(JournalEvent.event_id == accepted.event_id))
-                if exists is not None:
-                    continue
-                row = JournalEvent(
-                    event_id=accepted.event_id,
-                    action=accepted.action,
-                    repository=accepted.repository,
-                    reference=accepted.reference,
-                    received_at=now,
+                # One statement, not "select, then insert": two receivers on one PostgreSQL database may
+                # journal the same delivery at the same moment; the second one waits and inserts nothing.
+                journal_id = await session.scalar(
+                    self._insert(JournalEvent)
+                    .values(
+                        event_id=accepted.event_id,
+                        action=accepted.action,
+                        repository=accepted.repository,
+                        reference=accepted.reference,
+                        received_at=now,
+                    )
+                    .on_conflict_do_nothing(index_elements=["event_id"])
+                    .returning(JournalEvent.id)
                 )
-                session.add(row)
-                await session.flush()
+                if journal_id is None:
+                    continue
                 new += 1
                 for secondary in secondaries:
-                    await session.execute(self._owe(secondary, accepted, row.id, now))
+                    await session.execute(self._owe(secondary, accepted, journal_id, now))
         return new
 
     def _owe(self, secondary: str, accepted: AcceptedEvent, sequence: int, now: float):
@@ -355,12 +359,19 @@ class StateStore:
         """Count one more failure and schedule the retry (exponential backoff with jitter, capped)."""
         now = time.time()
         async with self.transaction() as session:
+            # Create the row if need be first (concurrent failures of a new repository must not both
+            # insert it), then lock it so every failure counts.
+            await session.execute(
+                self._insert(RepositoryState)
+                .values(secondary=secondary, repository=repository, retry_count=0, updated_at=now)
+                .on_conflict_do_nothing(index_elements=["secondary", "repository"])
+            )
             row = await session.scalar(
                 select(RepositoryState)
                 .where(RepositoryState.secondary == secondary, RepositoryState.repository == repository)
                 .with_for_update()
             )
-            if row is None:
+            if row is None:  # forgotten between the two statements
                 row = RepositoryState(secondary=secondary, repository=repository, retry_count=0, updated_at=now)
                 session.add(row)
             row.retry_count = (row.retry_count or 0) + 1
@@ -393,8 +404,18 @@ class StateStore:
         """Take the lease `name` for `ttl` seconds; None if taken, else the holder that had it before."""
         now = time.time()
         async with self.transaction() as session:
+            # A new lease is inserted in one statement: of two takers at once, the second one waits, inserts
+            # nothing and sees the first one's lease below (a "get, then add" raced into a duplicate key).
+            created = await session.scalar(
+                self._insert(Lease)
+                .values(name=name, holder=holder, expires_at=now + ttl)
+                .on_conflict_do_nothing(index_elements=["name"])
+                .returning(Lease.name)
+            )
+            if created is not None:
+                return holder
             lease = await session.get(Lease, name, with_for_update=True)
-            if lease is None:
+            if lease is None:  # released between the two statements
                 session.add(Lease(name=name, holder=holder, expires_at=now + ttl))
                 return holder
             if lease.expires_at > now and lease.holder != holder:

@@ -174,4 +174,5 @@ def test_deploy_all_creates_every_deployment_with_its_schedule(site: DeployedSit
         "delete_image/delete-image": [],
         "backfill/backfill": ["0 */6 * * *"],
         "verify/verify": ["30 3 * * *"],
+        "backfill_batch/backfill-batch": [],
     }

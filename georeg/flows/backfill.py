@@ -1,10 +1,17 @@
-"""The `backfill` flow: make every repository on a secondary equal to the primary's, and record it."""
+"""The `backfill` flow: make every repository on a secondary equal to the primary's, and record it.
+
+Run as a deployment, a backfill shares its work: the due repositories are split into batches, each
+a flow run of the `backfill-batch` deployment that any worker of the pool can take, on any machine.
+Run anywhere else (the CLI, the embedded default) it does the same work in its own process.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 from typing import Any
 
@@ -25,6 +32,17 @@ from georeg.tasks import list_repositories_task, sync_repository_task, with_retr
 
 logger = logging.getLogger("georeg.backfill")
 LEASE_SECONDS = 300.0
+# The counts a summary adds up over repositories (and a fanned-out backfill over its batches).
+COUNTS = (
+    "synced",
+    "failed",
+    "tags_replicated",
+    "tags_confirmed",
+    "tags_removed",
+    "tags_unchanged",
+    "bytes_copied",
+    "bytes_skipped",
+)
 
 
 @flow(name="backfill")
@@ -48,6 +66,30 @@ async def backfill(secondary: str | None = None, dry_run: bool = False) -> list[
         return await for_each_secondary(config, secondary, backfill_one)
 
 
+@flow(name="backfill-batch", flow_run_name="backfill-batch {secondary}")
+async def backfill_batch(secondary: str, repositories: list[str], dry_run: bool = False) -> dict[str, Any]:
+    """One share of a backfill: sync these repositories of one secondary. Started by `backfill`."""
+    from prefect.runtime import flow_run
+
+    config = load_config()
+    async with open_state(config) as store:
+
+        async def sync(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
+            run_id = await store.run_started("backfill-batch", target.name)
+            summary = await _sync_repositories(config, store, primary, target, repositories, dry_run)
+            # Which worker did this share (a process worker's flow runs are its children).
+            summary.update(flow_run_id=str(flow_run.id), worker=f"{socket.gethostname()}:{os.getppid()}")
+            await store.run_finished(run_id, "failed" if summary["failed"] else "completed", json.dumps(summary))
+            return summary
+
+        [summary] = await for_each_secondary(config, secondary, sync)
+    if summary["failed"]:
+        raise ReplicationError(
+            f"{summary['failed']} of {len(repositories)} repositories failed: " + "; ".join(summary["failures"])
+        )
+    return summary
+
+
 async def _backfill_secondary(
     config: GeoregConfig, store: StateStore, primary: RegistryClient, target: RegistryClient, dry_run: bool
 ) -> dict[str, Any]:
@@ -59,30 +101,44 @@ async def _backfill_secondary(
     keep_lease = asyncio.create_task(_renew(store, lease, holder))
     run_id = None if dry_run else await store.run_started("backfill", target.name)
     try:
-        summary, failed = await _sync_all(config, store, primary, target, dry_run)
+        settings = config.replication
+        repositories = await with_retry_settings(list_repositories_task, settings)(primary, target, settings)
+        states = await store.repository_states(target.name)
+        due = [name for name in repositories if _due(states.get(name))]
+        if not dry_run:
+            for gone in set(states) - set(repositories):  # no longer on either side (or filtered out)
+                await store.forget_repository(target.name, gone)
+        if _fans_out(config, len(due)):
+            summary = await _fan_out(config, store, target.name, due, dry_run)
+        else:
+            summary = await _sync_repositories(config, store, primary, target, due, dry_run)
+        summary.update(repositories=len(repositories), deferred=len(repositories) - len(due))
         if run_id is not None:
-            await store.run_finished(run_id, "failed" if failed else "completed", json.dumps(summary))
+            await store.run_finished(run_id, "failed" if summary["failed"] else "completed", json.dumps(summary))
             run_id = None
     finally:
         keep_lease.cancel()
         if run_id is not None:
             await store.run_finished(run_id, "crashed", "{}")
         await store.release_lease(lease, holder)
-    if failed:
-        named = "; ".join(f"{r.repository} ({r.failure_summary()})" for r in failed[:3])
-        raise ReplicationError(f"{len(failed)} of {summary['repositories']} repositories failed: {named}")
+    if summary["failed"]:
+        raise ReplicationError(
+            f"{summary['failed']} of {summary['repositories']} repositories failed: " + "; ".join(summary["failures"])
+        )
     return summary
 
 
-async def _sync_all(
-    config: GeoregConfig, store: StateStore, primary: RegistryClient, target: RegistryClient, dry_run: bool
-) -> tuple[dict[str, Any], list[RepositorySync]]:
-    settings = config.replication
+async def _sync_repositories(
+    config: GeoregConfig,
+    store: StateStore,
+    primary: RegistryClient,
+    target: RegistryClient,
+    repositories: list[str],
+    dry_run: bool,
+) -> dict[str, Any]:
+    """Sync `repositories` concurrently, record each one's state, publish progress and a table."""
     mode = decide_mode(config, config.select_secondaries(target.name)[0])
-    repositories = await with_retry_settings(list_repositories_task, settings)(primary, target, settings)
-    states = await store.repository_states(target.name)
-    due = [name for name in repositories if _due(states.get(name))]
-    progress = Progress(artifact_key("backfill", target.name), f"Backfill of {target.name}", len(due))
+    progress = Progress(artifact_key("backfill", target.name), f"Backfill of {target.name}", len(repositories))
     await progress.start()
 
     async def sync(repository: str) -> RepositorySync:
@@ -90,11 +146,8 @@ async def _sync_all(
         await progress.advance()
         return result
 
-    room = asyncio.Semaphore(settings.concurrency)
-    results = await asyncio.gather(*(bounded(room, sync(name)) for name in due))
-    if not dry_run:
-        for gone in set(states) - set(repositories):  # no longer on either side (or filtered out)
-            await store.forget_repository(target.name, gone)
+    room = asyncio.Semaphore(config.replication.concurrency)
+    results = await asyncio.gather(*(bounded(room, sync(name)) for name in repositories))
     await acreate_table_artifact(
         table=[result.as_row() for result in results],
         key=artifact_key("backfill", target.name, "report"),
@@ -102,23 +155,72 @@ async def _sync_all(
         f"{mode.reason})",
     )
     failed = [result for result in results if not result.ok]
-    summary = {
+    return {
         "secondary": target.name,
         "mode": mode.mode.value,
         "dry_run": dry_run,
-        "repositories": len(repositories),
-        "deferred": len(repositories) - len(due),  # failed recently, waiting for their retry_at
         "synced": len(results) - len(failed),
         "failed": len(failed),
+        "failures": [f"{r.repository} ({r.failure_summary()})" for r in failed[:3]],
         "tags_replicated": sum(len(r.copied) for r in results),
         "tags_confirmed": sum(len(r.confirmed) for r in results),
         "tags_removed": sum(len(r.removed) for r in results),
         "tags_unchanged": sum(r.unchanged for r in results),
         "bytes_copied": sum(r.bytes_copied for r in results),
         "bytes_skipped": sum(r.bytes_skipped for r in results),
-        "blobs": {kind: sum(r.blobs[kind] for r in results) for kind in results[0].blobs} if results else {},
     }
-    return summary, failed
+
+
+def _fans_out(config: GeoregConfig, due: int) -> bool:
+    """Only a backfill that runs as a deployment has a pool of workers to share with."""
+    from prefect.runtime import deployment
+
+    return config.backfill.fan_out and deployment.id is not None and due > config.backfill.batch_size
+
+
+async def _fan_out(
+    config: GeoregConfig, store: StateStore, secondary: str, due: list[str], dry_run: bool
+) -> dict[str, Any]:
+    """Run the batches as flow runs of the batch deployment and add up what they recorded."""
+    from prefect.deployments.flow_runs import arun_deployment
+
+    size = config.backfill.batch_size
+    batches = [due[start : start + size] for start in range(0, len(due), size)]
+    progress = Progress(
+        artifact_key("backfill", secondary, "batches"), f"Backfill batches of {secondary}", len(batches)
+    )
+    await progress.start()
+
+    async def run(batch: list[str]) -> Any:
+        parameters = {"secondary": secondary, "repositories": batch, "dry_run": dry_run}
+        for _ in range(2):  # a batch whose worker died (Prefect marks it crashed) runs once more
+            flow_run = await arun_deployment(
+                config.backfill.batch_deployment, parameters=parameters, timeout=None, poll_interval=1
+            )
+            if not (flow_run.state and flow_run.state.is_crashed()):
+                break
+            logger.warning("batch flow run %s crashed; running its %d repositories again", flow_run.id, len(batch))
+        await progress.advance()
+        return flow_run
+
+    flow_runs = await asyncio.gather(*(run(batch) for batch in batches))
+    recorded = {summary["flow_run_id"]: summary for summary in await store.run_summaries("backfill-batch", secondary)}
+    summary: dict[str, Any] = {"secondary": secondary, "dry_run": dry_run, "failures": [], "workers": []}
+    summary.update(dict.fromkeys(COUNTS, 0))
+    for batch, flow_run in zip(batches, flow_runs, strict=True):
+        part = recorded.get(str(flow_run.id))
+        if part is None:  # it never got to record anything
+            summary["failed"] += len(batch)
+            summary["failures"].append(f"batch flow run {flow_run.id} ended {flow_run.state.type.value}")
+            continue
+        for count in COUNTS:
+            summary[count] += part[count]
+        summary["failures"] += part["failures"]
+        summary["workers"].append(part["worker"])
+        summary["mode"] = part["mode"]
+    summary["failures"] = summary["failures"][:3]
+    summary["workers"] = sorted(set(summary["workers"]))
+    return summary
 
 
 async def _sync_one(

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from georeg.config import GeoregConfig, SecondaryConfig
 from georeg.errors import ReplicationError
+from georeg.limits import apply_limits
 from georeg.registry import RegistryClient, primary_client, secondary_client
 from georeg.state import StateStore
 
@@ -28,6 +29,7 @@ async def for_each_secondary(
     flow never reports success for a secondary it did not bring up to date.
     """
     targets = config.select_secondaries(name)
+    await apply_limits(config)  # limits must exist before the first copy asks for a slot
 
     async def run(target: SecondaryConfig) -> T:
         async with primary_client(config) as primary, secondary_client(config, target) as secondary:

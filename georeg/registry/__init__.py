@@ -1,6 +1,7 @@
 """Talking to registries: the HTTP client, its auth, token minting and manifests."""
 
 from georeg.config import GeoregConfig, SecondaryConfig
+from georeg.limits import RegistryLimits
 from georeg.registry.auth import PULL_ONLY, PULL_PUSH_DELETE
 from georeg.registry.client import ClientStats, RegistryClient
 from georeg.registry.manifests import Descriptor, Manifest
@@ -17,8 +18,20 @@ __all__ = [
 
 def primary_client(config: GeoregConfig) -> RegistryClient:
     """The primary is only ever read: its tokens carry pull and nothing else."""
-    return RegistryClient("primary", config.primary, config.replication, allowed_actions=PULL_ONLY)
+    return RegistryClient(
+        "primary",
+        config.primary,
+        config.replication,
+        allowed_actions=PULL_ONLY,
+        limits=RegistryLimits.of(config.primary),
+    )
 
 
 def secondary_client(config: GeoregConfig, secondary: SecondaryConfig) -> RegistryClient:
-    return RegistryClient(secondary.name, secondary, config.replication, allowed_actions=PULL_PUSH_DELETE)
+    return RegistryClient(
+        secondary.name,
+        secondary,
+        config.replication,
+        allowed_actions=PULL_PUSH_DELETE,
+        limits=RegistryLimits.of(secondary),
+    )

@@ -36,6 +36,7 @@ from georeg.errors import (
     Unauthorized,
     Unsupported,
 )
+from georeg.limits import RegistryLimits
 from georeg.registry.auth import build_auth
 from georeg.registry.manifests import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, Descriptor, Manifest
 
@@ -71,8 +72,10 @@ class RegistryClient:
         *,
         allowed_actions: frozenset[str],
         transport: httpx.AsyncBaseTransport | None = None,
+        limits: RegistryLimits | None = None,
     ) -> None:
         self.name = name
+        self.limits = limits or RegistryLimits()
         self.url = config.url
         self.settings = settings
         self.stats = ClientStats()
@@ -260,6 +263,7 @@ class RegistryClient:
         attempts = self.settings.request_attempts if replayable else 1
         for attempt in range(1, attempts + 1):
             request = self._http.build_request(method, url, content=content, headers=headers, params=params)
+            await self.limits.before_request()
             self.stats.requests[method] += 1
             try:
                 response = await self._http.send(request, stream=stream)

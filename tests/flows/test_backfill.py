@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from georeg.config import load_config
 from georeg.errors import ReplicationError
@@ -284,3 +285,30 @@ async def test_the_backfill_publishes_a_table_artifact(fresh_pair, write_config)
     rows = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
     assert sorted(row["repository"] for row in rows) == sorted(repositories)
     assert progress and float(progress[0].data) == 100.0
+
+
+async def test_a_copy_limit_holds_however_much_concurrency_is_configured(fresh_pair, write_config, prefect_api_url):
+    pair = fresh_pair
+    with Pusher(pair.primary.url) as pusher:
+        for number in range(6):
+            pusher.push_image(f"limited/app{number}", build_image("oci", layer_sizes=[150_000, 150_000, 150_000]), "v1")
+    with FaultProxy(pair.secondary.url) as secondary_proxy:
+        config = write_config(
+            pair.primary.url,
+            secondary_proxy.url,
+            replication={"concurrency": 8, "chunk_size": 65_536, "monolithic_max": 0},
+        )
+        document = yaml.safe_load(config.read_text())
+        document["secondaries"][0]["max_concurrent_copies"] = 2
+        config.write_text(yaml.safe_dump(document))
+
+        [summary] = await backfill()
+
+        assert summary["tags_replicated"] == 6 and summary["failed"] == 0
+        assert secondary_proxy.count("PATCH") == 6 * 3 * 3 + 6  # 3 chunks per layer, 1 per config
+        assert 1 <= secondary_proxy.max_concurrent_transfers <= 2
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(f"georeg-copies-127.0.0.1-{secondary_proxy.port}")
+    assert limit.limit == 2  # created by georeg from the config

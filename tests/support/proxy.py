@@ -95,6 +95,11 @@ class _NoResponse(Response):
         return None
 
 
+def _is_transfer(method: str, path: str) -> bool:
+    """A request that moves blob bytes: an upload's PATCH/PUT, or a GET of a blob."""
+    return (method in ("PATCH", "PUT") and "/blobs/uploads/" in path) or (method == "GET" and "/blobs/sha256:" in path)
+
+
 class FaultProxy:
     """Reverse proxy on 127.0.0.1 in a background thread; streams bodies and keeps the Host header."""
 
@@ -103,6 +108,9 @@ class FaultProxy:
         self.requests: list[RecordedRequest] = []
         self.max_concurrent = 0
         self._in_flight = 0
+        # Blob transfers (uploads to or blob reads from the upstream) in flight: what a copy limit bounds.
+        self.max_concurrent_transfers = 0
+        self._transfers = 0
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._transports: dict[tuple[str, int], asyncio.Transport] = {}
@@ -148,6 +156,7 @@ class FaultProxy:
             self.requests.clear()
             self._faults.clear()
             self.max_concurrent = self._in_flight
+            self.max_concurrent_transfers = self._transfers
 
     def count(self, method: str | None = None, path_contains: str | None = None) -> int:
         with self._lock:
@@ -244,7 +253,18 @@ class FaultProxy:
         outgoing = self._client.build_request(
             request.method, url, headers=headers, content=body() if has_body else None
         )
-        return await self._client.send(outgoing, stream=True)
+        # A transfer counts while the upstream works on it: from the first byte until it answers.
+        transfer = _is_transfer(request.method, request.url.path)
+        with self._lock:
+            if transfer:
+                self._transfers += 1
+                self.max_concurrent_transfers = max(self.max_concurrent_transfers, self._transfers)
+        try:
+            return await self._client.send(outgoing, stream=True)
+        finally:
+            with self._lock:
+                if transfer:
+                    self._transfers -= 1
 
     @staticmethod
     async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
