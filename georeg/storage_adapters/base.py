@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from georeg.errors import GeoregError
 from georeg.references import validate_digest, validate_repository, validate_tag
 
 REGISTRY_PREFIX = "docker/registry/v2"
@@ -25,10 +26,23 @@ class StorageLocation:
     root: str
 
 
+class StorageError(GeoregError):
+    """The backend could not answer (unreachable, denied, throttled): unlike None, this says nothing
+    about whether the object exists. Messages name the backend, bucket and key, the HTTP status and
+    the service's error code, never credentials nor the service's own message text (some services
+    echo the access key id back)."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
 class StorageAdapter(Protocol):
     """One per backend. Methods are blocking (the SDKs are); async callers use asyncio.to_thread."""
 
-    def location(self) -> StorageLocation: ...
+    def location(self) -> StorageLocation:
+        """Where the data lives, normalised: equal for two configs naming the same storage."""
+        ...
 
     def object_size(self, path: str) -> int | None:
         """Size of the object at `path` (relative to the registry root), or None if it is absent."""
@@ -68,3 +82,12 @@ def tag_digest(adapter: StorageAdapter, repository: str, tag: str) -> str | None
 
 def has_manifest_revision(adapter: StorageAdapter, repository: str, digest: str) -> bool:
     return adapter.read_small(manifest_revision_link(repository, digest)) is not None
+
+
+def backend_failure(backend: str, operation: str, where: str, status: int | None, code: str | None) -> StorageError:
+    """A StorageError from what a service answered; only status and error code, never its message text."""
+    detail = f"HTTP {status}" if status is not None else "no answer"
+    if code:
+        detail += f" {code}"
+    transient = status is None or status >= 500 or status in (408, 429)
+    return StorageError(f"{backend} {operation} {where}: {detail}", transient=transient)

@@ -6,18 +6,20 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from georeg.errors import ConfigError
 from georeg.storage_adapters.base import StorageLocation
+from georeg.storage_adapters.params import DriverParameters
 
 DEFAULT_ROOT = "/var/lib/registry"  # the driver's own default
 
 
 class FilesystemAdapter:
     def __init__(self, parameters: dict[str, Any]) -> None:
-        unknown = set(parameters) - {"rootdirectory", "maxthreads"}
-        if unknown:
-            raise ConfigError(f"storage.filesystem: unknown parameter(s) {', '.join(sorted(unknown))}")
-        self.root = Path(parameters.get("rootdirectory") or DEFAULT_ROOT)
+        params = DriverParameters("filesystem", parameters, {"rootdirectory", "maxthreads"})
+        self.root = Path(params.string("rootdirectory") or DEFAULT_ROOT)
+        params.integer("maxthreads")
+
+    def __repr__(self) -> str:
+        return f"FilesystemAdapter(root={str(self.root)!r})"
 
     def location(self) -> StorageLocation:
         # A local directory is only the same storage on the same host.

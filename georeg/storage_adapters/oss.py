@@ -1,0 +1,102 @@
+"""The registry's `oss` driver: a bucket in Alibaba Cloud OSS (2.8 only; 3.x dropped the driver).
+
+Without `endpoint` the driver talks to `<region>.aliyuncs.com`, or `<region>-internal.aliyuncs.com`
+with `internal: true`; both reach the same buckets, so both give the same location. `endpoint` is a
+host (the scheme comes from `secure`). Object keys are `<rootdirectory>/<path>`, root slashes trimmed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure
+from georeg.storage_adapters.params import (
+    DriverParameters,
+    location_root,
+    normalise_endpoint,
+    normalise_root,
+    object_key,
+)
+
+PARAMETERS = {
+    "accesskeyid",
+    "accesskeysecret",
+    "bucket",
+    "chunksize",
+    "encrypt",
+    "encryptionkeyid",
+    "endpoint",
+    "internal",
+    "region",
+    "rootdirectory",
+    "secure",
+}
+_INTERNAL_HOST = re.compile(r"(?P<region>.+)-internal\.aliyuncs\.com")
+TIMEOUT_S = 30
+
+
+class OssAdapter:
+    """Reads objects with oss2 (path-style requests when the endpoint is an IP address or localhost)."""
+
+    def __init__(self, parameters: dict[str, Any]) -> None:
+        params = DriverParameters("oss", parameters, PARAMETERS)
+        self.region = params.required("region")
+        self.bucket = params.required("bucket")
+        self.root = normalise_root(params.string("rootdirectory"))
+        self._access_key_id = params.secret("accesskeyid", required=True)
+        self._access_key_secret = params.secret("accesskeysecret", required=True)
+        scheme = "https" if params.boolean("secure", True) else "http"
+        internal = params.boolean("internal", False)
+        params.boolean("encrypt", False)
+        host = params.string("endpoint") or f"{self.region}{'-internal' if internal else ''}.aliyuncs.com"
+        self._endpoint_url = host if "://" in host else f"{scheme}://{host}"
+        endpoint = normalise_endpoint(self._endpoint_url, params.key("endpoint"))
+        internal_host = _INTERNAL_HOST.fullmatch(endpoint)
+        self.endpoint = f"{internal_host.group('region')}.aliyuncs.com" if internal_host else endpoint
+        self._bucket: Any = None
+
+    def __repr__(self) -> str:
+        return f"OssAdapter(endpoint={self.endpoint!r}, bucket={self.bucket!r}, root={location_root(self.root)!r})"
+
+    def location(self) -> StorageLocation:
+        return StorageLocation("oss", self.endpoint, self.bucket, location_root(self.root))
+
+    def client(self) -> Any:
+        if self._bucket is None:
+            import oss2
+
+            assert self._access_key_id is not None and self._access_key_secret is not None
+            auth = oss2.Auth(self._access_key_id.get_secret_value(), self._access_key_secret.get_secret_value())
+            self._bucket = oss2.Bucket(auth, self._endpoint_url, self.bucket, connect_timeout=TIMEOUT_S)
+        return self._bucket
+
+    def key(self, path: str) -> str:
+        return object_key(self.root, path)
+
+    def object_size(self, path: str) -> int | None:
+        key = self.key(path)
+        result = self._call("HEAD", key, lambda bucket: bucket.head_object(key))
+        return None if result is None else int(result.content_length)
+
+    def read_small(self, path: str) -> bytes | None:
+        key = self.key(path)
+        return self._call("GET", key, lambda bucket: bucket.get_object(key).read())
+
+    def _call(self, operation: str, key: str, action: Any) -> Any:
+        from oss2.exceptions import NoSuchBucket, NotFound, OssError, RequestError, ServerError
+
+        where = f"{self.bucket}/{key}"
+        try:
+            return action(self.client())
+        except NoSuchBucket as error:
+            raise backend_failure("oss", operation, where, error.status, error.code) from None
+        except NotFound:
+            return None
+        except RequestError:
+            raise StorageError(f"oss {operation} {where} at {self.endpoint}: no answer") from None
+        except ServerError as error:
+            # Never the error's details: OSS echoes the access key id in signature errors.
+            raise backend_failure("oss", operation, where, error.status, error.code or None) from None
+        except OssError as error:
+            raise StorageError(f"oss {operation} {where}: {type(error).__name__}", transient=False) from None

@@ -1,0 +1,142 @@
+"""What every storage adapter must do, run against each backend's emulator (or stand-in for OSS)."""
+
+from __future__ import annotations
+
+import pytest
+
+from georeg.errors import ConfigError
+from georeg.storage_adapters import StorageError, blob_size, has_manifest_revision, tag_digest
+from tests.storage_adapters.backends import Backend, sha256, write_image
+
+ABSENT = sha256(b"never written")
+
+
+def test_blob_size_is_the_size_written_and_none_when_absent(backend: Backend, root: str) -> None:
+    image = write_image(backend, root, "group/app", "v1", layer_size=3001)
+    adapter = backend.build(backend.params(root))
+
+    assert blob_size(adapter, image.layer_digest) == 3001
+    assert blob_size(adapter, image.manifest_digest) == len(image.manifest)
+    assert blob_size(adapter, ABSENT) is None
+
+
+def test_tag_digest_and_manifest_revision(backend: Backend, root: str) -> None:
+    image = write_image(backend, root, "group/app", "v1")
+    adapter = backend.build(backend.params(root))
+
+    assert tag_digest(adapter, "group/app", "v1") == image.manifest_digest
+    assert tag_digest(adapter, "group/app", "v2") is None
+    assert tag_digest(adapter, "group/other", "v1") is None
+    assert has_manifest_revision(adapter, "group/app", image.manifest_digest)
+    assert not has_manifest_revision(adapter, "group/app", ABSENT)
+    assert not has_manifest_revision(adapter, "group/other", image.manifest_digest)
+
+
+def test_every_spelling_of_the_root_reads_the_same_objects(backend: Backend, root: str) -> None:
+    image = write_image(backend, root, "app", "latest")
+    adapters = [backend.build(backend.params(spelling)) for spelling in backend.root_spellings(root)]
+
+    assert {adapter.location() for adapter in adapters} == {adapters[0].location()}
+    for adapter in adapters:
+        assert blob_size(adapter, image.layer_digest) == len(image.layer)
+        assert tag_digest(adapter, "app", "latest") == image.manifest_digest
+
+
+def test_another_root_does_not_see_the_objects(backend: Backend, root: str) -> None:
+    image = write_image(backend, root, "app", "latest")
+    elsewhere = backend.build(backend.params(root + "-elsewhere"))
+
+    assert blob_size(elsewhere, image.layer_digest) is None
+    assert tag_digest(elsewhere, "app", "latest") is None
+
+
+def test_the_same_config_gives_equal_locations(backend: Backend, root: str) -> None:
+    first, second = backend.build(backend.params(root)), backend.build(backend.params(root))
+
+    assert first.location() == second.location()
+    assert first.location().backend == backend.name
+
+
+@pytest.mark.parametrize("difference", ["endpoint", "bucket", "root"])
+def test_a_different_endpoint_bucket_or_root_gives_a_different_location(
+    backend: Backend, root: str, difference: str
+) -> None:
+    if difference not in backend.variants:
+        pytest.skip(f"{backend.name} storage has no {difference}")
+    env = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:1"} if backend.name == "gcs" and difference == "endpoint" else {}
+    same = backend.build(backend.params(root)).location()
+    other = backend.build({**backend.params(root), **backend.variants[difference]}, env=env).location()
+
+    assert same != other
+    changed = {"endpoint": "endpoint", "bucket": "bucket", "root": "root"}[difference]
+    assert getattr(same, changed) != getattr(other, changed)
+    for field in {"backend", "endpoint", "bucket", "root"} - {changed}:
+        assert getattr(same, field) == getattr(other, field)
+
+
+def test_secrets_never_appear_in_repr_or_str(backend: Backend, root: str) -> None:
+    params = backend.params(root)
+    adapter = backend.build(params)
+    adapter.object_size("docker/registry/v2/probe")  # after use, with clients made
+    shown = " ".join([repr(adapter), str(adapter), repr(adapter.location()), str(adapter.location())])
+
+    for name in backend.secrets:
+        assert str(params[name]) not in shown
+
+
+def test_a_missing_required_parameter_is_named(backend: Backend, root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not backend.required:
+        pytest.skip(f"{backend.name} requires no parameter")
+    for name in backend.required:
+        monkeypatch.delenv(f"REGISTRY_STORAGE_{backend.name}_{name}".upper(), raising=False)
+        params = {key: value for key, value in backend.params(root).items() if key != name}
+        with pytest.raises(ConfigError, match=rf"storage\.{backend.name}\.{name}: required"):
+            backend.build(params)
+
+
+def test_a_bad_value_or_unknown_parameter_is_named(backend: Backend, root: str) -> None:
+    [(name, value)] = backend.bad_values.items()
+    with pytest.raises(ConfigError, match=rf"storage\.{backend.name}\.{name}"):
+        backend.build({**backend.params(root), name: value})
+    with pytest.raises(ConfigError, match=rf"storage\.{backend.name}: unknown parameter\(s\) bukcet"):
+        backend.build({**backend.params(root), "bukcet": "typo"})
+
+
+@pytest.mark.parametrize("style", ["registry-env", "reference"])
+def test_a_parameter_can_come_from_the_environment(
+    backend: Backend, root: str, style: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REGISTRY_STORAGE_<DRIVER>_<PARAM> as the registry reads it, or "${NAME}" naming any variable."""
+    image = write_image(backend, root, "app", "env")
+    params = backend.params(root)
+    value = str(params.pop(backend.env_param))
+    if style == "registry-env":
+        monkeypatch.setenv(f"REGISTRY_STORAGE_{backend.name}_{backend.env_param}".upper(), value)
+    else:
+        monkeypatch.setenv("GEOREG_TEST_STORAGE_VALUE", value)
+        params[backend.env_param] = "${GEOREG_TEST_STORAGE_VALUE}"
+    adapter = backend.build(params)
+
+    assert tag_digest(adapter, "app", "env") == image.manifest_digest
+    if backend.env_param in backend.secrets:
+        assert value not in repr(adapter)
+
+
+def test_an_unset_reference_is_named(backend: Backend, root: str) -> None:
+    params = {**backend.params(root), backend.env_param: "${GEOREG_TEST_SURELY_UNSET}"}
+    with pytest.raises(ConfigError, match=rf"storage\.{backend.name}\.{backend.env_param}: .*GEOREG_TEST_SURELY_UNSET"):
+        backend.build(params)
+
+
+def test_wrong_credentials_fail_without_showing_them(backend: Backend, root: str) -> None:
+    secret = backend.credential_param
+    if secret is None:
+        pytest.skip(f"the {backend.name} test service checks no credentials")
+    wrong = "V3JvbmdTZWNyZXRXcm9uZ1NlY3JldA=="  # base64, as an Azure account key must be
+    adapter = backend.build({**backend.params(root), secret: wrong})
+
+    with pytest.raises(StorageError) as failure:
+        adapter.object_size("docker/registry/v2/probe")
+    assert wrong not in str(failure.value)
+    assert "401" in str(failure.value) or "403" in str(failure.value)
+    assert not failure.value.transient
