@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.emulators import BUCKET, Azurite, GcsEmulator, MotoServer, SwiftNode
+from tests.support.oss_standin import OssStandIn
+from tests.support.postgres import PostgresServer
 from tests.support.registry import RegistryProcess, TokenAuthSetup, make_token_auth_setup
 
 
@@ -98,3 +101,55 @@ def write_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WriteConfig
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the session (on 127.0.0.1, trust auth); tests get their own databases."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> str:
+    """A fresh, empty PostgreSQL database for this test: `postgresql://postgres@127.0.0.1:PORT/NAME`."""
+    return postgres.create_database(f"test_{uuid.uuid4().hex[:12]}")
+
+
+# --- storage services, started once per session by the first test that asks ---
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    with MotoServer(tmp_path_factory.mktemp("moto")) as server:
+        server.require_credentials()
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    with GcsEmulator(tmp_path_factory.mktemp("gcs")) as emulator:
+        emulator.create_bucket(BUCKET)
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    with Azurite(tmp_path_factory.mktemp("azurite")) as server:
+        server.create_container(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def swift_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwiftNode]:
+    with SwiftNode(tmp_path_factory.mktemp("swift")) as node:
+        node.create_container(BUCKET)
+        yield node
+
+
+@pytest.fixture(scope="session")
+def oss_standin() -> Iterator[OssStandIn]:
+    with OssStandIn() as server:
+        server.buckets[BUCKET] = {}
+        yield server

@@ -1,4 +1,4 @@
-"""The receiver's HTTP contract, every input rule, on the real app with a real SQLite journal."""
+"""The receiver's HTTP contract, every input rule, on the real app with a real SQLite or PostgreSQL journal."""
 
 from __future__ import annotations
 
@@ -20,14 +20,18 @@ PATH = "/api/v4/container_registry_event/events"
 DIGEST = "sha256:" + "d" * 64
 
 
-@pytest.fixture
-async def receiver(tmp_path: Path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def receiver(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "postgresql":
+        state_url = request.getfixturevalue("postgres_url")
+    else:
+        state_url = f"sqlite:///{tmp_path / 'journal.db'}"
     config = parse_config(
         {
             "primary": {"url": "http://127.0.0.1:1"},
             "secondaries": [{"name": "east", "url": "http://127.0.0.1:2"}],
             "notifications": {"secret": SECRET, "secrets": ["next-secret"], "max_body_bytes": 4096},
-            "state": {"url": f"sqlite:///{tmp_path / 'journal.db'}"},
+            "state": {"url": state_url},
         },
         base_dir=tmp_path,
     )
@@ -111,6 +115,7 @@ async def test_events_georeg_does_not_need_are_acknowledged_and_dropped(receiver
     ],
 )
 async def test_bad_input_gets_a_4xx_and_leaves_nothing(receiver, request_kwargs, status):
+    request_kwargs = dict(request_kwargs)  # the parameter dict is shared by the sqlite and postgresql runs
     body = request_kwargs.pop("body", envelope(manifest_push()))
     response = await post(receiver, body, **request_kwargs)
     assert response.status_code == status

@@ -3,11 +3,13 @@ claims what is not there. Two real registries on one filesystem root do share st
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from georeg.config import parse_config
 from georeg.errors import ConfigError, ReplicationError
@@ -115,3 +117,47 @@ def _with_storage(write_config: WriteConfig, pair: RegistryPair, secondary_url: 
     config["primary"]["storage"] = storage
     config["secondaries"][0]["storage"] = storage
     path.write_text(yaml.safe_dump(config))
+
+
+def cloud_storage(request: pytest.FixtureRequest, backend: str, place: str) -> dict[str, Any]:
+    """A registry storage block on the session's moto server (root `place`) or Swift node (container `place`)."""
+    if backend == "s3":
+        return request.getfixturevalue("moto_server").registry_storage(f"/{place}")
+    return request.getfixturevalue("swift_node").registry_storage(place)
+
+
+@pytest.mark.usefixtures("prefect_api_url")
+@pytest.mark.parametrize("backend", ["s3", "swift"])
+@pytest.mark.parametrize("shared", [True, False], ids=["same-place", "different-places"])
+async def test_real_registries_on_cloud_storage(request, tmp_path, write_config, repo_name, backend, shared):
+    run = uuid.uuid4().hex[:8]
+    primary_storage = cloud_storage(request, backend, f"primary-{run}")
+    secondary_storage = primary_storage if shared else cloud_storage(request, backend, f"secondary-{run}")
+    index = build_index(
+        [build_image("oci", layer_sizes=[40_000]), build_image("oci", platform=("linux", "arm64"))], kind="oci"
+    )
+    with (
+        RegistryProcess(tmp_path / "primary", storage=primary_storage, http_secret=run) as primary,
+        RegistryProcess(tmp_path / "secondary", storage=secondary_storage, http_secret=run) as secondary,
+        FaultProxy(secondary.url) as secondary_proxy,
+    ):
+        with Pusher(primary.url) as pusher:
+            pusher.push_image(repo_name, index, "v1")
+        path = write_config(primary.url, secondary_proxy.url)
+        document = yaml.safe_load(path.read_text())
+        document["primary"]["storage"] = primary_storage
+        document["secondaries"][0]["storage"] = secondary_storage
+        path.write_text(yaml.safe_dump(document))
+
+        [result] = await replicate_image(repo_name, "v1")
+
+        blob_bytes = sum(blob.size for blob in index.all_blobs())
+        uploaded = sum(r.request_bytes for r in secondary_proxy.requests if "/blobs/uploads/" in r.path)
+        if shared:
+            assert (result["mode"], result["bytes_copied"], uploaded) == ("shared", 0, 0)
+            assert result["bytes_skipped"] == blob_bytes
+        else:
+            assert result["mode"] == "copy" and result["bytes_copied"] == blob_bytes == uploaded
+        with Pusher(secondary.url) as check:  # the secondary itself, not through georeg
+            assert check.head_manifest(repo_name, "v1") == index.digest
+            assert all(check.blob_exists(repo_name, blob.digest) for blob in index.all_blobs())

@@ -1,7 +1,9 @@
-"""The journal and its work rows on a real SQLite file: durability, deduplication, coalescing, retries."""
+"""The journal and its work rows on a real SQLite file and a real PostgreSQL database: durability,
+deduplication, coalescing, retries, and receivers sharing one PostgreSQL database."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -11,9 +13,16 @@ from georeg.errors import ConfigError
 from georeg.state import DELETE, FAILED, PENDING, REPLICATE, AcceptedEvent, StateStore, WorkItem, database_url
 
 
-@pytest.fixture
-async def store(tmp_path: Path):
-    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """`state.url` for the database `request.param` names; PostgreSQL is started only when a test asks for it."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path):
+    state = StateStore(state_url(request, tmp_path))
     await state.create_tables()
     yield state
     await state.close()
@@ -100,3 +109,69 @@ def test_database_urls_map_to_the_async_drivers():
     assert database_url("postgresql://u@h/db") == "postgresql+asyncpg://u@h/db"
     with pytest.raises(ConfigError, match=r"state\.url: 'mysql' is not supported"):
         database_url("mysql://h/db")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def receivers(request: pytest.FixtureRequest, tmp_path: Path):
+    """Two StateStores on one database, as two `georeg serve` processes sharing `state.url`."""
+    url = state_url(request, tmp_path)
+    first, second = StateStore(url), StateStore(url)
+    await first.create_tables()
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_two_receivers_on_one_database_never_claim_the_same_row(receivers):
+    """SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), BEGIN IMMEDIATE (SQLite): concurrent claims split the rows."""
+    first, second = receivers
+    events = [push(f"tag-{number}", tag=f"{number}.0") for number in range(150)]
+    assert await first.record_events(events, ["east", "west"]) == 150
+    all_ids = {row.id for row in await rows(first)}
+    assert len(all_ids) == 300
+
+    async def claim_all(store: StateStore) -> list[int]:
+        claimed: list[int] = []
+        while batch := await store.claim_due(7):
+            claimed.extend(claim.id for claim in batch)
+        return claimed
+
+    # Two claimers per receiver, so each store also races itself over its connection pool.
+    claims = await asyncio.gather(claim_all(first), claim_all(second), claim_all(first), claim_all(second))
+    by_first, by_second = claims[0] + claims[2], claims[1] + claims[3]
+    assert by_first and by_second, "both receivers should get some of the work"
+    assert len(by_first) + len(by_second) == len(set(by_first) | set(by_second)), "a row was claimed twice"
+    assert set(by_first).isdisjoint(by_second)
+    assert set(by_first) | set(by_second) == all_ids
+    assert len(await first.running()) == 300
+
+
+async def test_an_event_delivered_to_two_receivers_at_once_is_journaled_once(receivers):
+    first, second = receivers
+    for number in range(20):
+        event = [push(f"twice-{number}", tag=f"{number}.0")]
+        assert sorted(
+            await asyncio.gather(first.record_events(event, ["east"]), second.record_events(event, ["east"]))
+        ) == [0, 1]
+    assert await first.depth() == 20
+
+
+async def test_two_backfills_starting_at_once_get_one_lease(receivers):
+    first, second = receivers
+    for number in range(20):
+        lease = f"backfill:east-{number}"
+        got = await asyncio.gather(first.acquire_lease(lease, "one", 60), second.acquire_lease(lease, "two", 60))
+        [winner] = [holder for holder in got if holder is not None]  # the other one is told the lease is taken
+        assert await first.lease_holder(lease) == winner
+
+
+async def test_two_failures_of_a_new_repository_at_once_both_count(receivers):
+    first, second = receivers
+    for number in range(20):
+        repository = f"group/new-{number}"
+        await asyncio.gather(
+            first.repository_failed("east", repository, "one", base=1, cap=10),
+            second.repository_failed("east", repository, "two", base=1, cap=10),
+        )
+        state = (await first.repository_states("east"))[repository]
+        assert (state.state, state.retry_count) == (FAILED, 2)

@@ -4,54 +4,16 @@ that runs each contract test once per storage driver."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.storage_adapters.backends import Backend, cloud_key, filesystem_backend, swift_key
-from tests.support.emulators import Azurite, GcsEmulator, MotoServer, SwiftNode
+from tests.support.emulators import BUCKET, Azurite, GcsEmulator, MotoServer, SwiftNode
 from tests.support.oss_standin import OssStandIn
 
-BUCKET = "georeg-storage-tests"
 OSS_SECRET = "oss-secret-never-shown-91c2"
 BACKENDS = ["filesystem", "s3", "gcs", "azure", "swift", "oss"]
-
-
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    with MotoServer(tmp_path_factory.mktemp("moto")) as server:
-        server.require_credentials()
-        server.create_bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
-    with GcsEmulator(tmp_path_factory.mktemp("gcs")) as emulator:
-        emulator.create_bucket(BUCKET)
-        yield emulator
-
-
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    with Azurite(tmp_path_factory.mktemp("azurite")) as server:
-        server.create_container(BUCKET)
-        yield server
-
-
-@pytest.fixture(scope="session")
-def swift_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwiftNode]:
-    with SwiftNode(tmp_path_factory.mktemp("swift")) as node:
-        node.create_container(BUCKET)
-        yield node
-
-
-@pytest.fixture(scope="session")
-def oss_standin() -> Iterator[OssStandIn]:
-    with OssStandIn() as server:
-        server.buckets[BUCKET] = {}
-        yield server
 
 
 def s3_backend(server: MotoServer) -> Backend:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from georeg.storage_adapters import blob_size, build_adapter, tag_digest
 from tests.storage_adapters.backends import blob_path, sha256, tag_link_path, write_image
-from tests.storage_adapters.conftest import BUCKET, oss_backend
+from tests.storage_adapters.conftest import oss_backend
+from tests.support.emulators import BUCKET
 from tests.support.oss_standin import OssStandIn
 
 

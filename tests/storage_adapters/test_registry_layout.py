@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from georeg.storage_adapters import blob_size, build_adapter, has_manifest_revision, tag_digest
-from tests.storage_adapters.conftest import BUCKET
 from tests.support.emulators import MotoServer, SwiftNode
 from tests.support.images import Pusher, build_image, build_index
 from tests.support.registry import RegistryProcess
@@ -20,32 +19,12 @@ StorageFactory = Callable[[str], dict[str, Any]]
 
 
 def s3_storage(server: MotoServer, root: str) -> dict[str, Any]:
-    return {
-        "s3": {
-            "region": server.region,
-            "regionendpoint": server.url,
-            "bucket": BUCKET,
-            "rootdirectory": root,
-            "accesskey": server.access_key,
-            "secretkey": server.secret_key,
-        },
-        # Blob HEADs would otherwise redirect to presigned moto URLs, which the test pusher does not follow.
-        "redirect": {"disable": True},
-    }
+    return server.registry_storage(root)
 
 
 def swift_storage(node: SwiftNode, prefix: str) -> dict[str, Any]:
     # The driver creates the container when it starts; one per registry keeps the runs apart.
-    return {
-        "swift": {
-            "authurl": node.auth_url,
-            "username": "test:tester",
-            "password": node.users["test:tester"],
-            "container": f"registry-{uuid.uuid4().hex[:8]}",
-            "prefix": prefix,
-            "authversion": 1,
-        }
-    }
+    return node.registry_storage(f"registry-{uuid.uuid4().hex[:8]}", prefix)
 
 
 @pytest.fixture(params=["filesystem", "s3", "s3-no-root", "swift", "swift-no-prefix"])

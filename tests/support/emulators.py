@@ -31,6 +31,9 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")  # Debian's swift modules import only h
 START_DEADLINE_S = 60.0
 
 
+BUCKET = "georeg-storage-tests"  # the bucket/container the session fixtures create
+
+
 def _require(path: Path, what: str) -> None:
     if not path.exists():
         raise RuntimeError(f"{path} is missing ({what}): run ./scripts/setup")
@@ -164,6 +167,22 @@ class MotoServer(Service):
 
     def client(self) -> Any:
         return self._client("s3")
+
+    def registry_storage(self, root: str, *, bucket: str = BUCKET, redirect: bool = False) -> dict[str, Any]:
+        """A registry's `storage:` block on this server; blob redirects to presigned URLs off unless asked."""
+        block: dict[str, Any] = {
+            "s3": {
+                "region": self.region,
+                "regionendpoint": self.url,
+                "bucket": bucket,
+                "rootdirectory": root,
+                "accesskey": self.access_key,
+                "secretkey": self.secret_key,
+            }
+        }
+        if not redirect:
+            block["redirect"] = {"disable": True}
+        return block
 
     def create_bucket(self, bucket: str) -> None:
         self.client().create_bucket(Bucket=bucket)
@@ -335,6 +354,19 @@ class SwiftNode(Service):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.ports['proxy']}"
+
+    def registry_storage(self, container: str, prefix: str = "") -> dict[str, Any]:
+        """A registry's `storage:` block on this node (the driver creates the container)."""
+        return {
+            "swift": {
+                "authurl": self.auth_url,
+                "username": "test:tester",
+                "password": self.users["test:tester"],
+                "container": container,
+                "prefix": prefix,
+                "authversion": 1,
+            }
+        }
 
     @property
     def auth_url(self) -> str:
