@@ -185,6 +185,12 @@ class BackfillConfig(_Strict):
     )
     batch_size: int = Field(default=100, ge=1, le=100_000, description="repositories per batch flow run")
     batch_deployment: str = "backfill-batch/backfill-batch"
+    batch_timeout_seconds: float = Field(
+        default=6 * 3600, gt=0, description="a batch not finished by then (its worker died) counts as failed"
+    )
+    lease_seconds: float = Field(
+        default=300, ge=5, le=86400, description="how long a backfill that died keeps the next one out"
+    )
 
 
 class GeoregConfig(_Strict):

@@ -16,6 +16,7 @@ Two tables make the event path durable:
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import Executable
 
 from georeg.errors import ConfigError
 
@@ -207,7 +209,7 @@ class StateStore:
                     await session.execute(self._owe(secondary, accepted, journal_id, now))
         return new
 
-    def _owe(self, secondary: str, accepted: AcceptedEvent, sequence: int, now: float):
+    def _owe(self, secondary: str, accepted: AcceptedEvent, sequence: int, now: float) -> Executable:
         values = {
             "secondary": secondary,
             "repository": accepted.repository,
@@ -236,7 +238,7 @@ class StateStore:
             },
         )
 
-    def _insert(self, table: type[Base]):
+    def _insert(self, table: type[Base]) -> Any:  # the dialect's INSERT, with on_conflict_do_update/nothing
         return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
 
     # --- the dispatcher's side ----------------------------------------------------------------
@@ -456,7 +458,18 @@ class StateStore:
                 .limit(1)
             )
 
-    async def _execute(self, statement) -> None:
+    async def run_summaries(self, kind: str, secondary: str, limit: int = 10_000) -> list[dict[str, Any]]:
+        """The recorded summaries of the latest finished runs of `kind` for `secondary`, newest first."""
+        async with self.transaction() as session:
+            rows = await session.scalars(
+                select(RunRecord.summary)
+                .where(RunRecord.kind == kind, RunRecord.secondary == secondary, RunRecord.finished_at.is_not(None))
+                .order_by(RunRecord.id.desc())
+                .limit(limit)
+            )
+            return [json.loads(summary or "{}") for summary in rows]
+
+    async def _execute(self, statement: Executable) -> None:
         async with self.transaction() as session:
             await session.execute(statement)
 

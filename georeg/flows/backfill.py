@@ -31,7 +31,6 @@ from georeg.storage_adapters import StorageAdapter
 from georeg.tasks import list_repositories_task, sync_repository_task, with_retry_settings
 
 logger = logging.getLogger("georeg.backfill")
-LEASE_SECONDS = 300.0
 # The counts a summary adds up over repositories (and a fanned-out backfill over its batches).
 COUNTS = (
     "synced",
@@ -93,12 +92,12 @@ async def backfill_batch(secondary: str, repositories: list[str], dry_run: bool 
 async def _backfill_secondary(
     config: GeoregConfig, store: StateStore, primary: RegistryClient, target: RegistryClient, dry_run: bool
 ) -> dict[str, Any]:
-    lease, holder = f"backfill:{target.name}", run_holder()
-    if await store.acquire_lease(lease, holder, LEASE_SECONDS) is None:
+    lease, holder, lease_seconds = f"backfill:{target.name}", run_holder(), config.backfill.lease_seconds
+    if await store.acquire_lease(lease, holder, lease_seconds) is None:
         other = await store.lease_holder(lease)
         logger.warning("a backfill of %s is already running (%s); this one stops here", target.name, other)
         return {"secondary": target.name, "skipped": f"a backfill of {target.name} is already running ({other})"}
-    keep_lease = asyncio.create_task(_renew(store, lease, holder))
+    keep_lease = asyncio.create_task(_renew(store, lease, holder, lease_seconds))
     run_id = None if dry_run else await store.run_started("backfill", target.name)
     try:
         settings = config.replication
@@ -209,9 +208,10 @@ async def _fan_out(
     summary.update(dict.fromkeys(COUNTS, 0))
     for batch, flow_run in zip(batches, flow_runs, strict=True):
         part = recorded.get(str(flow_run.id))
-        if part is None:  # it never got to record anything
+        if part is None:  # it never got to record anything: crashed, or still "running" on a dead worker
             summary["failed"] += len(batch)
-            summary["failures"].append(f"batch flow run {flow_run.id} ended {flow_run.state.type.value}")
+            state = flow_run.state.type.value if flow_run.state else "unknown"
+            summary["failures"].append(f"batch flow run {flow_run.id} ({len(batch)} repositories) ended {state}")
             continue
         for count in COUNTS:
             summary[count] += part[count]
@@ -263,7 +263,7 @@ def _due(state: RepositoryState | None) -> bool:
     return state is None or state.state != FAILED or (state.retry_at or 0) <= time.time()
 
 
-async def _renew(store: StateStore, lease: str, holder: str) -> None:
+async def _renew(store: StateStore, lease: str, holder: str, seconds: float) -> None:
     while True:
-        await asyncio.sleep(LEASE_SECONDS / 3)
-        await store.acquire_lease(lease, holder, LEASE_SECONDS)
+        await asyncio.sleep(seconds / 3)
+        await store.acquire_lease(lease, holder, seconds)
