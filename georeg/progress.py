@@ -3,6 +3,7 @@ own process, a progress bar (the CLI installs a listener for the duration of the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -36,6 +37,7 @@ class Progress:
         self.done = 0
         self._artifact: UUID | None = None
         self._shown = -1.0
+        self._updating = asyncio.Lock()  # concurrent advances must not land out of order
 
     async def start(self) -> None:
         from prefect.artifacts import acreate_progress_artifact
@@ -48,11 +50,14 @@ class Progress:
 
         self.done += 1
         self._notify()
-        percent = 100.0 * self.done / self.total if self.total else 100.0
-        # One update per whole percent: a backfill of 100,000 repositories does not send 100,000 updates.
-        if self._artifact is not None and (int(percent) > int(self._shown) or self.done == self.total):
-            self._shown = percent
-            await aupdate_progress_artifact(self._artifact, percent)
+        if self._artifact is None:
+            return
+        async with self._updating:
+            percent = 100.0 * self.done / self.total if self.total else 100.0  # the count now, not when called
+            # One update per whole percent: a backfill of 100,000 repositories does not send 100,000 updates.
+            if int(percent) > int(self._shown) or (percent == 100.0 and self._shown < 100.0):
+                self._shown = percent
+                await aupdate_progress_artifact(self._artifact, percent)
 
     def _notify(self) -> None:
         listener = _listener.get()

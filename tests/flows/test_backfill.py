@@ -305,7 +305,7 @@ async def test_a_copy_limit_holds_however_much_concurrency_is_configured(fresh_p
         [summary] = await backfill()
 
         assert summary["tags_replicated"] == 6 and summary["failed"] == 0
-        assert secondary_proxy.count("PATCH") == 6 * 3 * 3 + 6  # 3 chunks per layer, 1 per config
+        assert secondary_proxy.count("PATCH") >= 6 * 3 * 3 + 6  # 3 chunks per layer, 1 per config (+ resumes)
         assert 1 <= secondary_proxy.max_concurrent_transfers <= 2
     from prefect.client.orchestration import get_client
 

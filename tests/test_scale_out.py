@@ -1,0 +1,230 @@
+"""Scaled out on Prefect, for real: PostgreSQL behind a Prefect server and behind georeg's state, two
+`prefect worker` processes on the `georeg` pool, a per-registry copy limit, and no secret in any log,
+parameter or artifact."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from georeg.state import StateStore
+from tests.support.images import Pusher, build_image, random_blob
+from tests.support.postgres import PostgresServer
+from tests.support.proxy import FaultProxy
+from tests.support.registry import RegistryProcess, make_token_auth_setup
+from tests.support.services import REPOSITORY_ROOT, BackgroundProcess, PrefectServer, clean_environment
+
+PASSWORD = f"basic-password-{uuid.uuid4().hex}"
+NOTIFICATION_SECRET = f"notification-secret-{uuid.uuid4().hex}"
+COPY_LIMIT = 2
+
+
+@dataclass
+class Cluster:
+    root: Path
+    primary: RegistryProcess
+    secondary: RegistryProcess
+    secondary_proxy: FaultProxy
+    server: PrefectServer
+    workers: list[BackgroundProcess]
+    environment: dict[str, str]
+    state_url: str
+    key_path: Path
+
+    def run_backfill(self, *, watch: bool = True) -> subprocess.CompletedProcess[str]:
+        arguments = ["deployment", "run", "backfill/backfill"] + (
+            ["--watch", "--watch-timeout", "600"] if watch else []
+        )
+        return subprocess.run(
+            [sys.executable, "-m", "prefect", "--no-prompt", *arguments],
+            env=self.environment,
+            cwd=REPOSITORY_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=700,
+        )
+
+    def batch_workers(self) -> set[str]:
+        """Which workers ran the batches (each batch records its worker's host and pid)."""
+
+        async def read() -> list[dict[str, Any]]:
+            store = StateStore(self.state_url)
+            try:
+                return await store.run_summaries("backfill-batch", "secondary")
+            finally:
+                await store.close()
+
+        return {summary["worker"] for summary in asyncio.run(read())}
+
+
+def prefect(cluster_env: dict[str, str], *arguments: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *arguments],
+        env=cluster_env,
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"prefect {' '.join(arguments)}:\n{done.stdout}\n{done.stderr}"
+
+
+def start_worker(root: Path, environment: dict[str, str], name: str) -> BackgroundProcess:
+    worker_env = {**environment, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "georeg", "--limit", "2", "--name", name]
+    return BackgroundProcess(command, root / f"{name}.log", worker_env).start()
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("scale-out")
+    prefect_db, georeg_db = (
+        postgres.create_database(f"{name}_{uuid.uuid4().hex[:6]}") for name in ("prefect", "georeg")
+    )
+    keys = make_token_auth_setup(root / "keys")
+    with (
+        PrefectServer(
+            root / "prefect-home", database_url=postgres.url(prefect_db.rsplit("/", 1)[1], "asyncpg")
+        ) as server,
+        RegistryProcess(root / "primary") as primary,
+        RegistryProcess(root / "secondary") as secondary,
+        FaultProxy(secondary.url) as secondary_proxy,
+    ):
+        config = root / "georeg.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    # These registries run without auth and ignore credentials; georeg still sends them, so the
+                    # password and minted tokens travel, which is what the secret check below needs.
+                    "primary": {
+                        "url": primary.url,
+                        "auth": {"type": "basic", "username": "georeg", "password": PASSWORD},
+                    },
+                    "secondaries": [
+                        {
+                            "name": "secondary",
+                            "url": secondary_proxy.url,
+                            "max_concurrent_copies": COPY_LIMIT,
+                            "auth": {
+                                "type": "jwt",
+                                "key_file": str(keys.key_path),
+                                "issuer": keys.issuer,
+                                "service": keys.service,
+                            },
+                        }
+                    ],
+                    "notifications": {"secret": NOTIFICATION_SECRET},
+                    "state": {"url": georeg_db},
+                    "replication": {
+                        "concurrency": 4,
+                        "retry_backoff_base_seconds": 0,
+                        "chunk_size": 262_144,
+                        "monolithic_max": 65_536,
+                    },
+                    "backfill": {"batch_size": 8, "batch_timeout_seconds": 45, "lease_seconds": 15},
+                }
+            )
+        )
+        environment = clean_environment(
+            PREFECT_API_URL=server.api_url,
+            PREFECT_HOME=str(root / "prefect-home"),
+            GEOREG_CONFIG=str(config),
+            PWD=str(REPOSITORY_ROOT),
+        )
+        prefect(environment, "work-pool", "create", "georeg", "--type", "process")
+        prefect(environment, "deploy", "--all")
+        limits = subprocess.run(
+            [sys.executable, "-m", "georeg.cli", "limits"], env=environment, capture_output=True, text=True, timeout=120
+        )
+        assert limits.returncode == 0 and f"georeg-copies-127.0.0.1-{secondary_proxy.port}: 2" in limits.stdout
+        workers = [start_worker(root, environment, name) for name in ("worker-1", "worker-2")]
+        try:
+            yield Cluster(
+                root, primary, secondary, secondary_proxy, server, workers, environment, georeg_db, keys.key_path
+            )
+        finally:
+            for worker in workers:
+                worker.stop()
+
+
+def populate(cluster: Cluster, prefix: str, count: int, layer_size: int) -> dict[str, str]:
+    images = {}
+    with Pusher(cluster.primary.url) as pusher:
+        for number in range(count):
+            image = build_image("oci", layers=[random_blob(layer_size), random_blob(layer_size)])
+            pusher.push_image(f"{prefix}/app{number}", image, "v1")
+            images[f"{prefix}/app{number}"] = image.digest
+    return images
+
+
+def assert_replicated(cluster: Cluster, images: dict[str, str]) -> None:
+    with Pusher(cluster.secondary.url) as secondary:
+        assert {name: secondary.head_manifest(name, "v1") for name in images} == images
+
+
+def assert_no_broken_manifest(cluster: Cluster, repositories: list[str]) -> None:
+    """Every manifest the secondary serves has all its blobs: a crash never leaves half an image."""
+    with Pusher(cluster.secondary.url) as secondary:
+        for repository in repositories:
+            for tag in secondary.tags(repository):
+                content, _ = secondary.get_manifest(repository, tag)
+                document = yaml.safe_load(content)
+                for blob in [document["config"], *document["layers"]]:
+                    assert secondary.blob_exists(repository, blob["digest"]), f"{repository}:{tag} lacks a blob"
+
+
+def test_a_backfill_is_shared_by_two_workers_within_the_copy_limit(cluster: Cluster):
+    images = populate(cluster, "fleet", 40, 20_000)
+    cluster.secondary_proxy.clear()
+
+    done = cluster.run_backfill()
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Completed" in done.stdout
+    assert_replicated(cluster, images)
+    assert_no_broken_manifest(cluster, list(images))
+    assert len(cluster.batch_workers()) == 2  # both workers took batches
+    assert 1 <= cluster.secondary_proxy.max_concurrent_transfers <= COPY_LIMIT
+
+
+def test_no_secret_reaches_a_log_a_parameter_or_an_artifact(cluster: Cluster):
+    from prefect.client.orchestration import PrefectClient
+
+    async def prefect_records() -> str:
+        async with PrefectClient(cluster.server.api_url) as client:
+            runs = await _every(client.read_flow_runs)
+            logs = await _every(client.read_logs)
+            artifacts = await _every(client.read_artifacts)
+        return "\n".join(
+            [repr(run.parameters) for run in runs]
+            + [log.message for log in logs]
+            + [repr(artifact.data) + repr(artifact.description) for artifact in artifacts]
+        )
+
+    files = [path for path in cluster.root.rglob("*.log")] + list(cluster.root.rglob("*.yml"))
+    text = asyncio.run(prefect_records()) + "\n".join(
+        path.read_text(errors="replace") for path in files if path.name != "georeg.yaml"
+    )
+    assert len(text) > 10_000  # there is something to search
+    key_body = cluster.key_path.read_text().splitlines()[1]
+    for secret in (PASSWORD, NOTIFICATION_SECRET, key_body, "eyJhbGciOi"):  # the last: any JWT
+        assert secret not in text
+
+
+async def _every(read: Any, page: int = 200) -> list[Any]:
+    """All records of a Prefect API listing (it answers at most 200 at a time)."""
+    found: list[Any] = []
+    while batch := await read(limit=page, offset=len(found)):
+        found += batch
+        if len(batch) < page:
+            break
+    return found
