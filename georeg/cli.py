@@ -26,6 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[CONFIG_ENV] = str(config_path(arguments.config).resolve())
     # georeg's own loggers (retries, resumed uploads) belong in the flow run's logs too.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "georeg")
+    # Without PREFECT_API_URL Prefect starts a temporary server, creating its database the first time;
+    # its 20 s default fails on a small, busy machine, for no fault of the command.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         return arguments.command(arguments)
     except (ConfigError, InvalidReference) as error:

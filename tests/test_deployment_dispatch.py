@@ -5,8 +5,6 @@ Also: the Prefect server goes away while events arrive, and nothing is lost or r
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,11 +14,12 @@ import pytest
 from tests.support.images import Pusher, build_image, build_index
 from tests.support.registry import RegistryProcess, free_port
 from tests.support.services import (
-    REPOSITORY_ROOT,
     BackgroundProcess,
     GeoregServe,
     PrefectServer,
+    PrefectWorker,
     clean_environment,
+    deploy_georeg,
     wait_until,
 )
 from tests.test_serve import SECRET, deployments_notifications, write_georeg_config
@@ -59,18 +58,6 @@ class DeployedSite:
         return asyncio.run(read())
 
 
-def prefect(*arguments: str, env: dict[str, str]) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", *arguments],
-        cwd=REPOSITORY_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"prefect {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}"
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedSite]:
     root = tmp_path_factory.mktemp("deployed-site")
@@ -86,17 +73,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedSite]:
             PREFECT_API_URL=server.api_url,
             PREFECT_HOME=str(root / "prefect-home"),
             GEOREG_CONFIG=str(config),
-            PWD=str(REPOSITORY_ROOT),
         )
-        prefect("work-pool", "create", "georeg", "--type", "process", env=environment)
-        prefect("deploy", "--all", env=environment)
-        # The worker asks for work every second (default 10 s): most of the push-to-copy latency.
-        worker_env = {**environment, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
-        worker = BackgroundProcess(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "georeg", "--limit", "4"],
-            root / "worker.log",
-            worker_env,
-        )
+        deploy_georeg(environment)
+        worker = PrefectWorker(root / "worker.log", environment)
         with worker, GeoregServe(config, root / "serve.log", environment, port=receiver_port) as receiver:
             yield DeployedSite(primary, secondary, server, worker, receiver)
 
@@ -148,9 +127,13 @@ def test_a_failed_run_is_retried_with_backoff_and_stays_visible(site: DeployedSi
     name = f"replicate {repo_name}:retry"
 
     wait_until(lambda: "FAILED" in site.flow_runs(name), deadline=120, what="a FAILED flow run")
-    metrics = httpx.get(f"{site.receiver.url}/metrics").text
-    assert 'georeg_flow_runs_total{outcome="failed"}' in metrics
-    assert "georeg_journal_depth 1.0" in metrics  # the work is still owed, visibly
+    # The receiver learns of the failure at its next look at the run; then the work is still owed, visibly.
+    wait_until(
+        lambda: 'georeg_flow_runs_total{outcome="failed"}' in httpx.get(f"{site.receiver.url}/metrics").text,
+        deadline=60,
+        what="the receiver to count the failed run",
+    )
+    assert "georeg_journal_depth 1.0" in httpx.get(f"{site.receiver.url}/metrics").text
 
     site.secondary.start()
 

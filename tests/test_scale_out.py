@@ -21,7 +21,14 @@ from tests.support.images import Pusher, build_image, random_blob
 from tests.support.postgres import PostgresServer
 from tests.support.proxy import FaultProxy
 from tests.support.registry import RegistryProcess, make_token_auth_setup
-from tests.support.services import REPOSITORY_ROOT, BackgroundProcess, PrefectServer, clean_environment
+from tests.support.services import (
+    BackgroundProcess,
+    PrefectServer,
+    PrefectWorker,
+    clean_environment,
+    deploy_georeg,
+    prefect_cli,
+)
 
 PASSWORD = f"basic-password-{uuid.uuid4().hex}"
 NOTIFICATION_SECRET = f"notification-secret-{uuid.uuid4().hex}"
@@ -40,17 +47,10 @@ class Cluster:
     state_url: str
     key_path: Path
 
-    def run_backfill(self, *, watch: bool = True) -> subprocess.CompletedProcess[str]:
-        arguments = ["deployment", "run", "backfill/backfill"] + (
-            ["--watch", "--watch-timeout", "600"] if watch else []
-        )
-        return subprocess.run(
-            [sys.executable, "-m", "prefect", "--no-prompt", *arguments],
-            env=self.environment,
-            cwd=REPOSITORY_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=700,
+    def run_backfill(self) -> str:
+        """Run the backfill deployment on the workers and wait for it; the CLI's output."""
+        return prefect_cli(
+            self.environment, "deployment", "run", "backfill/backfill", "--watch", "--watch-timeout", "600"
         )
 
     def batch_workers(self) -> set[str]:
@@ -64,24 +64,6 @@ class Cluster:
                 await store.close()
 
         return {summary["worker"] for summary in asyncio.run(read())}
-
-
-def prefect(cluster_env: dict[str, str], *arguments: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", *arguments],
-        env=cluster_env,
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"prefect {' '.join(arguments)}:\n{done.stdout}\n{done.stderr}"
-
-
-def start_worker(root: Path, environment: dict[str, str], name: str) -> BackgroundProcess:
-    worker_env = {**environment, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
-    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "georeg", "--limit", "2", "--name", name]
-    return BackgroundProcess(command, root / f"{name}.log", worker_env).start()
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +120,16 @@ def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
             PREFECT_API_URL=server.api_url,
             PREFECT_HOME=str(root / "prefect-home"),
             GEOREG_CONFIG=str(config),
-            PWD=str(REPOSITORY_ROOT),
         )
-        prefect(environment, "work-pool", "create", "georeg", "--type", "process")
-        prefect(environment, "deploy", "--all")
+        deploy_georeg(environment)
         limits = subprocess.run(
             [sys.executable, "-m", "georeg.cli", "limits"], env=environment, capture_output=True, text=True, timeout=120
         )
         assert limits.returncode == 0 and f"georeg-copies-127.0.0.1-{secondary_proxy.port}: 2" in limits.stdout
-        workers = [start_worker(root, environment, name) for name in ("worker-1", "worker-2")]
+        workers = [
+            PrefectWorker(root / f"{name}.log", environment, name=name, limit=2).start()
+            for name in ("worker-1", "worker-2")
+        ]
         try:
             yield Cluster(
                 root, primary, secondary, secondary_proxy, server, workers, environment, georeg_db, keys.key_path
@@ -186,10 +169,9 @@ def test_a_backfill_is_shared_by_two_workers_within_the_copy_limit(cluster: Clus
     images = populate(cluster, "fleet", 40, 20_000)
     cluster.secondary_proxy.clear()
 
-    done = cluster.run_backfill()
+    output = cluster.run_backfill()
 
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Completed" in done.stdout
+    assert "Completed" in output, output
     assert_replicated(cluster, images)
     assert_no_broken_manifest(cluster, list(images))
     assert len(cluster.batch_workers()) == 2  # both workers took batches

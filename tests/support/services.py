@@ -137,3 +137,46 @@ class PrefectServer(BackgroundProcess):
         except AssertionError:
             raise AssertionError(f"prefect server did not start:\n{self.log_tail()}") from None
         return self
+
+
+def prefect_cli(environment: dict[str, str], *arguments: str) -> str:
+    """`prefect --no-prompt ARGUMENTS` from the repository root (where prefect.yaml is); fails loudly."""
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *arguments],
+        cwd=REPOSITORY_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def deploy_georeg(environment: dict[str, str]) -> None:
+    """The `georeg` process work pool and every deployment in prefect.yaml, as the README's setup does."""
+    prefect_cli(environment, "work-pool", "create", "georeg", "--type", "process")
+    prefect_cli(environment, "deploy", "--all")
+
+
+class PrefectWorker(BackgroundProcess):
+    """A `prefect worker` on the `georeg` pool that asks for work every second (the default is 10 s)."""
+
+    SETTINGS = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+
+    def __init__(self, log_path: Path, environment: dict[str, str], *, name: str = "georeg-worker", limit: int = 4):
+        command = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "worker",
+            "start",
+            "--pool",
+            "georeg",
+            "--name",
+            name,
+            "--limit",
+            str(limit),
+        ]
+        super().__init__(command, log_path, {**environment, **self.SETTINGS})
