@@ -10,11 +10,13 @@ Scenarios, all in one run so that a noisy machine weighs on every figure alike:
     source), split into 2 and 4 parallel processes, and one process per repository in a shell loop.
 (b) one large shared base: --shared-repositories repositories, each one image of a --base-mib MiB
     base layer they all share plus a small layer of its own. georeg against one skopeo process.
-(c) the no-op resync of (a): every tool of (a) again, into the secondary it has just filled.
+(c) the no-op resync of (a): every tool of (a) again, into the secondaries it has just filled.
 
-Every secondary sits behind a recording proxy that counts the bytes uploaded to it; after every run
-its tag -> digest listing must equal the primary's, or the benchmark fails. A table goes to stdout;
-every figure to benchmarks/results/backfill.json. MB means 10^6 bytes.
+Every run is made twice, into two empty secondaries of its own: straight to the first, timed, and
+through a recording proxy to the second, which counts the bytes uploaded (the proxy's extra hop costs
+a serial tool such as skopeo more than a concurrent one, so it is kept out of the timed run). After
+every run the secondary's tag -> digest listing must equal the primary's, or the benchmark fails.
+A table goes to stdout; every figure to benchmarks/results/backfill.json. MB means 10^6 bytes.
 """
 
 from __future__ import annotations
@@ -97,26 +99,51 @@ class Primary:
 
 
 @dataclass(frozen=True)
-class Target:
-    """A secondary registry behind a recording proxy, and the georeg config that points at the proxy."""
+class Secondary:
+    """An empty secondary registry as a tool reaches it: directly, or through a recording proxy."""
 
     registry: RegistryProcess
-    proxy: FaultProxy
+    port: int  # where the tool sends its requests
     georeg_config: Path
+    proxy: FaultProxy | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One tool's two secondaries: `timed`, reached directly, and `counted`, behind a recording proxy."""
+
+    timed: Secondary
+    counted: Secondary
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One run of a tool into one secondary."""
+
+    wall_s: float  # from starting the first process to the exit of the last
+    cpu_s: float  # user + system time of the tool's processes
+    load_1m: float  # the machine's 1-minute load average at the end
+    flow_s: float | None  # georeg only: the backfill flow run's time in Running, from the Prefect server
+    georeg_summary: str | None  # georeg only: the line `georeg backfill` prints per secondary
 
 
 @dataclass(frozen=True)
 class Sample:
+    """A tool in a scenario: timed without a proxy, its bytes counted in a second run through one."""
+
     scenario: str
     variant: str
     processes: int
-    wall_s: float  # from starting the first process to the exit of the last
-    flow_s: float | None  # georeg only: the backfill flow run's time in Running, from the Prefect server
+    wall_s: float
+    flow_s: float | None
+    cpu_s: float
+    load_1m: float
+    proxied_wall_s: float
+    proxied_flow_s: float | None
     uploaded_bytes: int
     upload_requests: int
     mounts: int
-    load_1m: float  # the machine's 1-minute load average at the end of the run
-    georeg_summary: str | None = None  # the line `georeg backfill` prints per secondary
+    georeg_summary: str | None
 
 
 # --- the images ----------------------------------------------------------------------------------
@@ -181,59 +208,72 @@ class Bench:
         print(f"  pushed {len(repositories)} repositories to {name} in {time.monotonic() - started:.1f} s", flush=True)
         return Primary(registry, repositories, listing(registry.url))
 
-    def start_target(self, stack: contextlib.ExitStack, name: str, primary: Primary) -> Target:
+    def start_secondary(self, stack: contextlib.ExitStack, name: str, primary: Primary, proxied: bool) -> Secondary:
         registry = stack.enter_context(RegistryProcess(self.workdir / name))
-        proxy = stack.enter_context(FaultProxy(registry.url))
-        config = write_georeg_config(
-            self.workdir / f"georeg-{name}.yaml", {"url": primary.registry.url}, {"url": proxy.url}
-        )
-        return Target(registry, proxy, config)
+        proxy = stack.enter_context(FaultProxy(registry.url)) if proxied else None
+        url = proxy.url if proxy else registry.url
+        config = write_georeg_config(self.workdir / f"georeg-{name}.yaml", {"url": primary.registry.url}, {"url": url})
+        return Secondary(registry, proxy.port if proxy else registry.port, config, proxy)
 
-    def warm_up(self, target: Target) -> None:
+    def start_target(self, stack: contextlib.ExitStack, name: str, primary: Primary) -> Target:
+        timed = self.start_secondary(stack, f"{name}-timed", primary, proxied=False)
+        return Target(timed, self.start_secondary(stack, f"{name}-counted", primary, proxied=True))
+
+    def warm_up(self, secondary: Secondary) -> None:
         """A dry run first, so the Prefect server knows the flow before a timed run (once per benchmark)."""
         if self.warmup_s is None:
-            command = georeg_command(target.georeg_config, "backfill", "--dry-run")
+            command = georeg_command(secondary.georeg_config, "backfill", "--dry-run")
             self.warmup_s = run_processes([command], env=self.georeg_env, log_dir=self.logs, name="warmup").wall_s
 
     def run(self, scenario: str, variant: Variant, primary: Primary, target: Target) -> Sample:
-        """One timed run of `variant` into `target`, checked against the primary's listing."""
+        """`variant` into its timed secondary, then into its counted one; each checked against the primary."""
         if variant.tool == "georeg":
-            self.warm_up(target)
-        target.proxy.clear()
-        commands = self.commands(scenario, variant, primary, target)
-        env = self.georeg_env if variant.tool == "georeg" else clean_environment()
-        name = f"{scenario}-{variant.label.replace(' ', '-')}"
-        finished = run_processes(commands, env=env, log_dir=self.logs, name=name)
-        check_listing(primary.listing, target.registry.url, f"({scenario}) {variant.label}")
-        flow_s, summary = None, None
-        if variant.tool == "georeg":
-            flow_s = flow_run_seconds(self.prefect_api_url, finished.outputs[0], "backfill")
-            summary = next(line for line in finished.outputs[0].splitlines() if line.startswith("bench: "))
-        sent = uploads(target.proxy)
+            self.warm_up(target.timed)
+        timed = self.execute(scenario, variant, primary, target.timed)
+        assert target.counted.proxy is not None
+        target.counted.proxy.clear()
+        counted = self.execute(scenario, variant, primary, target.counted)
+        sent = uploads(target.counted.proxy)
         sample = Sample(
             scenario,
             variant.label,
-            len(commands),
-            finished.wall_s,
-            flow_s,
+            variant.shards,
+            timed.wall_s,
+            timed.flow_s,
+            timed.cpu_s,
+            timed.load_1m,
+            counted.wall_s,
+            counted.flow_s,
             sent.bytes,
             sent.upload_requests,
             sent.mounts,
-            finished.load_1m,
-            summary,
+            timed.georeg_summary,
         )
-        flow = f" (flow {flow_s:.2f} s)" if flow_s is not None else ""
+        flow = f" (flow {sample.flow_s:.2f} s)" if sample.flow_s is not None else ""
         print(
-            f"  ({scenario}) {variant.label}: {sample.wall_s:.2f} s{flow}, {megabytes(sent.bytes)} MB uploaded, "
-            f"load {sample.load_1m:.1f}",
+            f"  ({scenario}) {variant.label}: {sample.wall_s:.2f} s{flow}, cpu {sample.cpu_s:.1f} s, "
+            f"load {sample.load_1m:.1f}; through the proxy {sample.proxied_wall_s:.2f} s, "
+            f"{megabytes(sent.bytes)} MB uploaded",
             flush=True,
         )
         return sample
 
-    def commands(self, scenario: str, variant: Variant, primary: Primary, target: Target) -> list[list[str]]:
+    def execute(self, scenario: str, variant: Variant, primary: Primary, secondary: Secondary) -> Execution:
+        commands = self.commands(scenario, variant, primary, secondary)
+        env = self.georeg_env if variant.tool == "georeg" else clean_environment()
+        name = f"{scenario}-{variant.label.replace(' ', '-')}-{secondary.registry.workdir.name}"
+        finished = run_processes(commands, env=env, log_dir=self.logs, name=name)
+        check_listing(primary.listing, secondary.registry.url, f"({scenario}) {variant.label}")
+        flow_s, summary = None, None
         if variant.tool == "georeg":
-            return [georeg_command(target.georeg_config, "backfill")]
-        destination = f"127.0.0.1:{target.proxy.port}/{NAMESPACE}"
+            flow_s = flow_run_seconds(self.prefect_api_url, finished.outputs[0], "backfill")
+            summary = next(line for line in finished.outputs[0].splitlines() if line.startswith("bench: "))
+        return Execution(finished.wall_s, finished.cpu_s, finished.load_1m, flow_s, summary)
+
+    def commands(self, scenario: str, variant: Variant, primary: Primary, secondary: Secondary) -> list[list[str]]:
+        if variant.tool == "georeg":
+            return [georeg_command(secondary.georeg_config, "backfill")]
+        destination = f"127.0.0.1:{secondary.port}/{NAMESPACE}"
         if variant.per_repository:
             loop = [skopeo_repository(primary, repository, destination) for repository in primary.repositories]
             return [["sh", "-ec", "\n".join(shlex.join(command) for command in loop)]]
@@ -386,21 +426,21 @@ def _describe(scenario: str, parameters: dict[str, Any]) -> str:
 def _row(sample: Sample, ratio: dict[str, float | None] | None) -> str:
     flow = f"{sample.flow_s:>7.2f}" if sample.flow_s is not None else f"{'-':>7}"
     line = (
-        f"  {sample.variant:<12} {sample.processes:>5} {sample.wall_s:>8.2f} {flow} "
-        f"{megabytes(sample.uploaded_bytes):>11} {sample.upload_requests:>7} {sample.mounts:>6} {sample.load_1m:>5.1f}"
+        f"  {sample.variant:<12} {sample.wall_s:>7.2f} {flow} {sample.cpu_s:>6.1f} {sample.load_1m:>4.1f} "
+        f"{sample.proxied_wall_s:>8.2f} {megabytes(sample.uploaded_bytes):>8} {sample.upload_requests:>7} "
+        f"{sample.mounts:>6}"
     )
     if ratio is None:
         return line
     as_text = {key: f"{value:.2f}" if value is not None else "-" for key, value in ratio.items()}
-    return f"{line}   {as_text['wall']:>5} {as_text['flow']:>5} {as_text['bytes']:>5}"
+    return f"{line}   {'':<12} {as_text['wall']:>5} {as_text['flow']:>5} {as_text['bytes']:>5}"
 
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [
-        "Backfill, georeg vs skopeo sync, each into its own secondary (one run each; MB = 10^6 bytes)",
-        f"  {'tool':<12} {'procs':>5} {'wall s':>8} {'flow s':>7} {'uploaded MB':>11} {'uploads':>7} {'mounts':>6} "
-        f"{'load':>5}"
-        f"   georeg/this: {'wall':>5} {'flow':>5} {'bytes':>5}",
+        "Backfill, georeg vs skopeo sync, each into empty secondaries of its own (one run each; MB = 10^6 bytes)",
+        f"  {'tool':<12} {'wall s':>7} {'flow s':>7} {'cpu s':>6} {'load':>4} {'proxied':>8} {'up MB':>8} "
+        f"{'uploads':>7} {'mounts':>6}   {'georeg/this:':<12} {'wall':>5} {'flow':>5} {'bytes':>5}",
     ]
     samples = [Sample(**sample) for sample in results["samples"]]
     for scenario in ("a", "b", "c"):
@@ -410,10 +450,11 @@ def format_table(results: dict[str, Any]) -> str:
             ratio = results["ratios_to_skopeo"].get(scenario, {})
             lines += [_row(sample, ratio.get(sample.variant)) for sample in rows]
     lines += [
-        "wall: first process started -> last exited; flow: georeg's backfill flow run in Running (Prefect server);",
-        "uploaded: PATCH/PUT bodies under /blobs/uploads/ at the secondary; uploads: POST/PATCH/PUT requests there;",
-        "mounts: accepted cross-repository mounts; load: the machine's 1-minute load average after the run",
-        f"(2 cores; prefect server start-up {results['prefect_server_startup_s']:.1f} s"
+        "wall: first process started -> last exited, straight to the secondary; flow: georeg's backfill flow run in",
+        "Running (Prefect server); cpu: user+system of the tool's processes; load: 1-minute load average after the",
+        "run (2 cores); proxied: wall s of the same run into a second secondary behind a recording proxy, which",
+        "counts up MB (PATCH/PUT bodies under /blobs/uploads/), uploads (POST/PATCH/PUT there) and accepted mounts.",
+        f"(prefect server start-up {results['prefect_server_startup_s']:.1f} s"
         + (f", georeg warm-up dry run {results['georeg_warmup_s']:.1f} s" if results["georeg_warmup_s"] else "")
         + ", not counted)",
     ]

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import re
+import resource
 import signal
 import subprocess
 import time
@@ -44,6 +45,7 @@ class Finished:
     machine's 1-minute load average when they were done (other work on the machine shows there)."""
 
     wall_s: float
+    cpu_s: float  # user + system time of the processes (and of the children they waited for)
     outputs: list[str]
     load_1m: float
 
@@ -54,19 +56,28 @@ def run_processes(commands: Sequence[Sequence[str]], *, env: dict[str, str], log
         BackgroundProcess(list(command), log_dir / f"{name}-{i}.log", env, log_dir)
         for i, command in enumerate(commands)
     ]
+    cpu_before = _children_cpu_s()
     started = time.monotonic()
     try:
         for job in jobs:
             job.start()
         statuses = [_wait(job, started + COMMAND_TIMEOUT_S) for job in jobs]
         wall_s = time.monotonic() - started
+        cpu_s = _children_cpu_s() - cpu_before
     finally:
         for job in jobs:
             _kill_if_running(job)
     for job, status in zip(jobs, statuses, strict=True):
         if status != 0:
             raise BenchmarkError(f"{' '.join(job.command)[:300]} exited with {status}:\n{job.log_tail(25)}")
-    return Finished(wall_s, [job.log_path.read_text(errors="replace") for job in jobs], os.getloadavg()[0])
+    outputs = [job.log_path.read_text(errors="replace") for job in jobs]
+    return Finished(wall_s, cpu_s, outputs, os.getloadavg()[0])
+
+
+def _children_cpu_s() -> float:
+    """CPU time of this process's children that have been waited for (registries count when they stop)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _wait(job: BackgroundProcess, deadline: float) -> int:

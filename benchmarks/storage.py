@@ -11,9 +11,11 @@ driver too, with the same http.secret:
 - separate: the secondary on its own root in the same bucket, so every blob travels.
 
 georeg's config gives both registries their `storage:` block, and georeg decides the mode itself.
-Each case is timed (the process, and the flow run as the Prefect server recorded it), the bytes
-uploaded to the secondary are counted by a recording proxy in front of it, and its tag -> digest
-listing must equal the primary's. The shared case fails the benchmark if a single byte is uploaded.
+Each case runs twice, each time into a fresh secondary: once straight to it, timed (the process,
+and the flow run as the Prefect server recorded it), once through a recording proxy that counts the
+bytes uploaded (the proxy's hop would weigh on the timing). After each run the secondary's
+tag -> digest listing must equal the primary's. The shared case fails the benchmark if a single
+upload request reaches its secondary.
 A table goes to stdout; the figures to benchmarks/results/storage.json. MB means 10^6 bytes.
 """
 
@@ -34,6 +36,7 @@ from typing import Any
 from benchmarks.common import (
     BenchmarkError,
     RepositoryListing,
+    Uploads,
     check_listing,
     flow_run_seconds,
     georeg_command,
@@ -64,14 +67,32 @@ TARGET_SPEEDUP = 20.0
 
 
 @dataclass(frozen=True)
-class Sample:
-    case: str
+class Execution:
+    """One `georeg backfill` into one secondary."""
+
+    wall_s: float
+    flow_s: float  # the backfill flow run's time in Running, from the Prefect server
+    cpu_s: float  # user + system time of the georeg process
+    load_1m: float  # the machine's 1-minute load average at the end
     mode: str  # what georeg decided, from the line `georeg backfill` prints
+    georeg_summary: str
+    uploads: Uploads | None  # what the recording proxy counted, when there was one
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A case: timed into a secondary georeg reaches directly, bytes counted into another behind a proxy."""
+
+    case: str
+    mode: str
     wall_s: float
     flow_s: float
+    cpu_s: float
+    load_1m: float
+    proxied_wall_s: float
+    proxied_flow_s: float
     uploaded_bytes: int
     upload_requests: int
-    load_1m: float  # the machine's 1-minute load average at the end of the run
     georeg_summary: str
 
 
@@ -106,34 +127,53 @@ class Bench:
         self.env = prefect_env(workdir / "prefect-client", prefect_api_url)
         self.warmup_s: float | None = None
 
-    def storage(self, case: str) -> dict[str, Any]:
-        return self.moto.registry_storage(PRIMARY_ROOT if case == "shared" else SEPARATE_ROOT)
-
-    def georeg_config(self, case: str, secondary_url: str) -> Path:
-        primary = {"url": self.primary.url, "storage": self.storage("shared")}
-        secondary = {"url": secondary_url, "storage": self.storage(case)}
-        return write_georeg_config(self.workdir / f"georeg-{case}.yaml", primary, secondary)
+    def storage(self, case: str, purpose: str) -> dict[str, Any]:
+        """A secondary's storage: the primary's own when shared, else a root of its own."""
+        return self.moto.registry_storage(PRIMARY_ROOT if case == "shared" else f"{SEPARATE_ROOT}-{purpose}")
 
     def run(self, case: str) -> Sample:
-        """One `georeg backfill` into a secondary on the `case` storage, behind a recording proxy."""
+        """The case into a secondary reached directly (timed), then into one behind a recording proxy (counted)."""
+        timed = self.execute(case, "timed", proxied=False)
+        counted = self.execute(case, "counted", proxied=True)
+        assert counted.uploads is not None
+        return Sample(
+            case,
+            timed.mode,
+            timed.wall_s,
+            timed.flow_s,
+            timed.cpu_s,
+            timed.load_1m,
+            counted.wall_s,
+            counted.flow_s,
+            counted.uploads.bytes,
+            counted.uploads.upload_requests,
+            timed.georeg_summary,
+        )
+
+    def execute(self, case: str, purpose: str, proxied: bool) -> Execution:
+        """One `georeg backfill` into a fresh secondary on the `case` storage, checked against the primary."""
+        storage = self.storage(case, purpose)
         with contextlib.ExitStack() as stack:
             secondary = stack.enter_context(
-                RegistryProcess(self.workdir / f"secondary-{case}", storage=self.storage(case), http_secret=HTTP_SECRET)
+                RegistryProcess(self.workdir / f"{case}-{purpose}", storage=storage, http_secret=HTTP_SECRET)
             )
-            proxy = stack.enter_context(FaultProxy(secondary.url))
-            config = self.georeg_config(case, proxy.url)
+            proxy = stack.enter_context(FaultProxy(secondary.url)) if proxied else None
+            config = write_georeg_config(
+                self.workdir / f"georeg-{case}-{purpose}.yaml",
+                {"url": self.primary.url, "storage": self.moto.registry_storage(PRIMARY_ROOT)},
+                {"url": proxy.url if proxy else secondary.url, "storage": storage},
+            )
             self.warm_up(config)
-            proxy.clear()
             finished = run_processes(
-                [georeg_command(config, "backfill")], env=self.env, log_dir=self.logs, name=f"backfill-{case}"
+                [georeg_command(config, "backfill")], env=self.env, log_dir=self.logs, name=f"{case}-{purpose}"
             )
             check_listing(self.primary_listing, secondary.url, f"{case} storage")
-            sent = uploads(proxy)
+            sent = uploads(proxy) if proxy else None
         output = finished.outputs[0]
         summary = next((line for line in output.splitlines() if line.startswith("bench: ")), "")
         mode = found["mode"] if (found := GEOREG_MODE.search(summary)) else "unknown"
         flow_s = flow_run_seconds(self.prefect_api_url, output, "backfill")
-        return Sample(case, mode, finished.wall_s, flow_s, sent.bytes, sent.upload_requests, finished.load_1m, summary)
+        return Execution(finished.wall_s, flow_s, finished.cpu_s, finished.load_1m, mode, summary, sent)
 
     def warm_up(self, config: Path) -> None:
         """A dry run first, so the Prefect server knows the flow before a timed run (once per benchmark)."""
@@ -207,26 +247,32 @@ def benchmark(arguments: argparse.Namespace) -> dict[str, Any]:
 # --- reporting -----------------------------------------------------------------------------------
 
 
+def _row(sample: dict[str, Any]) -> str:
+    uploaded = sample["uploaded_bytes"]
+    rate = f"{uploaded / MB / sample['proxied_flow_s']:.1f}" if uploaded else "-"
+    return (
+        f"{sample['case']:<9} {sample['mode']:<6} {sample['wall_s']:>7.2f} {sample['flow_s']:>7.2f} "
+        f"{sample['cpu_s']:>6.1f} {sample['load_1m']:>4.1f} {sample['proxied_wall_s']:>8.2f} "
+        f"{sample['proxied_flow_s']:>8.2f} {megabytes(uploaded):>8} {sample['upload_requests']:>7} {rate:>7}"
+    )
+
+
 def format_table(results: dict[str, Any]) -> str:
     parameters, ratio = results["parameters"], results["separate_over_shared"]
     lines = [
         f"georeg backfill onto S3 storage (moto): {parameters['images']} images, "
         f"{megabytes(results['blob_bytes'])} MB of blobs (one run per case; MB = 10^6 bytes)",
-        f"{'case':<10} {'mode':<7} {'wall s':>8} {'flow s':>8} {'uploaded MB':>11} {'uploads':>7} {'flow MB/s':>9} "
-        f"{'load':>5}",
+        f"{'':<45}{'--- through the proxy ---':^42}".rstrip(),
+        f"{'case':<9} {'mode':<6} {'wall s':>7} {'flow s':>7} {'cpu s':>6} {'load':>4} {'wall s':>8} {'flow s':>8} "
+        f"{'up MB':>8} {'uploads':>7} {'MB/s':>7}",
     ]
-    for sample in results["samples"]:
-        rate = f"{sample['uploaded_bytes'] / MB / sample['flow_s']:.1f}" if sample["uploaded_bytes"] else "-"
-        lines.append(
-            f"{sample['case']:<10} {sample['mode']:<7} {sample['wall_s']:>8.2f} {sample['flow_s']:>8.2f} "
-            f"{megabytes(sample['uploaded_bytes']):>11} {sample['upload_requests']:>7} {rate:>9} "
-            f"{sample['load_1m']:>5.1f}"
-        )
+    lines += [_row(sample) for sample in results["samples"]]
     lines += [
-        f"separate/shared: wall {ratio['wall']:.1f}x, flow {ratio['flow']:.1f}x",
-        "wall: the whole `georeg backfill` process; flow: its flow run in Running (Prefect server); uploaded:",
-        "PATCH/PUT bodies under /blobs/uploads/ at the secondary; uploads: POST/PATCH/PUT requests there;",
-        "load: the machine's 1-minute load average at the end of the run (2 cores).",
+        f"separate/shared: wall {ratio['wall']:.1f}x, flow {ratio['flow']:.1f}x (straight to the secondary)",
+        "wall: the whole `georeg backfill` process; flow: its flow run in Running (Prefect server); cpu: user+system",
+        "of georeg; load: 1-minute load average after the run (2 cores); through the proxy: the same case into a",
+        "second secondary behind a recording proxy, which counts up MB (PATCH/PUT bodies under /blobs/uploads/) and",
+        "uploads (POST/PATCH/PUT there); MB/s: up MB over that run's flow time.",
         f"(georeg warm-up dry run {results['georeg_warmup_s']:.1f} s, push {results['push_s']:.1f} s, not counted)",
     ]
     if ratio["wall"] < TARGET_SPEEDUP:
