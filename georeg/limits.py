@@ -5,6 +5,9 @@ concurrency limits, named after the registry's host.
   of its source and one of its target for as long as bytes move. Slots are leases: a worker that
   dies holding one gives it back when the lease runs out.
 - `requests_per_second`: a rate limit (a limit whose slots decay) taken before every request.
+- a 429's `Retry-After` (or, without one, the client's backoff) pauses the registry for every client
+  of it: the pause is written to the state database, which every worker shares, and each client
+  looks there at most once a second before its requests.
 
 georeg creates or updates these limits itself, from the config, when a flow starts (and
 `georeg limits` does it at deploy time); with neither setting nothing is asked of Prefect.
@@ -12,14 +15,24 @@ georeg creates or updates these limits itself, from the config, when a flow star
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import re
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
+from sqlalchemy.exc import SQLAlchemyError
 
 from georeg.config import GeoregConfig, RegistryConfig
+
+if TYPE_CHECKING:
+    from georeg.state import StateStore
+
+logger = logging.getLogger("georeg.limits")
 
 
 def limit_name(registry: RegistryConfig, kind: str) -> str:
@@ -29,18 +42,68 @@ def limit_name(registry: RegistryConfig, kind: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]", "-", f"georeg-{kind}-{url.host}-{port}")
 
 
+class RegistryPause:
+    """When a registry said "retry after": every request to it waits until then, in every worker.
+
+    Without a state store (a bare client) the pause holds for this client's own requests only.
+    """
+
+    REFRESH_SECONDS = 1.0  # how stale another worker's pause may be when a request looks
+
+    def __init__(self, name: str = "", store: StateStore | None = None) -> None:
+        self.name = name
+        self._store = store
+        self._until = 0.0
+        self._looked_at = -self.REFRESH_SECONDS
+        self._looking = asyncio.Lock()
+
+    @property
+    def until(self) -> float:
+        return self._until
+
+    async def wait(self) -> None:
+        """Return once the registry may be asked again."""
+        await self._look()
+        while (remaining := self._until - time.time()) > 0:
+            await asyncio.sleep(remaining)
+
+    async def extend(self, seconds: float) -> None:
+        """Pause the registry for `seconds` from now, for this client and (through the store) every other."""
+        until = time.time() + seconds
+        self._until = max(self._until, until)
+        if self._store is not None:
+            try:
+                await self._store.pause_registry(self.name, until)
+            except SQLAlchemyError as error:  # the pause still holds here; the others learn of it by their own 429
+                logger.warning("could not share the pause of %s: %s", self.name, error)
+
+    async def _look(self) -> None:
+        if self._store is None or time.monotonic() - self._looked_at < self.REFRESH_SECONDS:
+            return
+        async with self._looking:  # one look for all the requests that are about to start
+            if time.monotonic() - self._looked_at < self.REFRESH_SECONDS:
+                return
+            self._looked_at = time.monotonic()
+            try:
+                self._until = max(self._until, await self._store.registry_paused_until(self.name))
+            except SQLAlchemyError as error:
+                logger.warning("could not read the pause of %s: %s", self.name, error)
+
+
 @dataclass(frozen=True)
 class RegistryLimits:
-    """What a client of one registry must respect; nothing when the config sets no limits."""
+    """What a client of one registry must respect; nothing but its own pauses when the config sets no limits."""
 
     copies: str | None = None
     rate: str | None = None
+    pause: RegistryPause = field(default_factory=RegistryPause)
 
     @classmethod
-    def of(cls, registry: RegistryConfig) -> RegistryLimits:
+    def of(cls, registry: RegistryConfig, store: StateStore | None = None) -> RegistryLimits:
         return cls(
             copies=limit_name(registry, "copies") if registry.max_concurrent_copies else None,
             rate=limit_name(registry, "rate") if registry.requests_per_second else None,
+            pause=RegistryPause(limit_name(registry, "pause"), store),
         )
 
     @contextlib.asynccontextmanager
@@ -54,6 +117,7 @@ class RegistryLimits:
             yield
 
     async def before_request(self) -> None:
+        await self.pause.wait()
         if self.rate is not None:
             from prefect.concurrency.asyncio import rate_limit
 

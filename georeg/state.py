@@ -3,7 +3,8 @@
 `georeg_repositories` is the sync state per (secondary, repository), like GitLab Geo's registry
 table: pending, started, synced or failed, with a retry count that only grows until a success.
 `georeg_leases` keeps two backfills of one secondary from overlapping; `georeg_runs` remembers
-backfills and verifications for `georeg status`.
+backfills and verifications for `georeg status`; `georeg_pauses` holds a registry's "retry after"
+(a 429), so that every worker slows down, not only the one that was told.
 
 Two tables make the event path durable:
 - `georeg_events`, the journal: every accepted registry event, once per event id, written before the
@@ -24,7 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, delete, event, func, select, update
+from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, case, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -113,6 +114,13 @@ class RunRecord(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
     summary: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RegistryPause(Base):
+    __tablename__ = "georeg_pauses"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # georeg-pause-<host>-<port>
+    until: Mapped[float] = mapped_column(Float)
 
 
 @dataclass(frozen=True)
@@ -468,6 +476,19 @@ class StateStore:
                 .limit(limit)
             )
             return [json.loads(summary or "{}") for summary in rows]
+
+    # --- registry pauses ----------------------------------------------------------------------
+
+    async def pause_registry(self, registry: str, until: float) -> None:
+        """No request to `registry` before `until` (a pause already longer is kept)."""
+        insert = self._insert(RegistryPause).values(name=registry, until=until)
+        later = case((RegistryPause.until > insert.excluded.until, RegistryPause.until), else_=insert.excluded.until)
+        await self._execute(insert.on_conflict_do_update(index_elements=["name"], set_={"until": later}))
+
+    async def registry_paused_until(self, registry: str) -> float:
+        """When requests to `registry` may go on (0 if it was never paused)."""
+        async with self.transaction() as session:
+            return await session.scalar(select(RegistryPause.until).where(RegistryPause.name == registry)) or 0.0
 
     async def _execute(self, statement: Executable) -> None:
         async with self.transaction() as session:

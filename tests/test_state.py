@@ -175,3 +175,13 @@ async def test_two_failures_of_a_new_repository_at_once_both_count(receivers):
         )
         state = (await first.repository_states("east"))[repository]
         assert (state.state, state.retry_count) == (FAILED, 2)
+
+
+async def test_a_registry_pause_only_grows(store: StateStore):
+    assert await store.registry_paused_until("georeg-pause-registry-443") == 0.0
+    await store.pause_registry("georeg-pause-registry-443", 2000.0)
+    await store.pause_registry("georeg-pause-registry-443", 1000.0)  # a shorter pause does not cut it short
+    assert await store.registry_paused_until("georeg-pause-registry-443") == 2000.0
+    await store.pause_registry("georeg-pause-registry-443", 3000.0)
+    assert await store.registry_paused_until("georeg-pause-registry-443") == 3000.0
+    assert await store.registry_paused_until("georeg-pause-other-443") == 0.0

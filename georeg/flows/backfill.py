@@ -62,7 +62,7 @@ async def backfill(secondary: str | None = None, dry_run: bool = False) -> list[
         async def backfill_one(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
             return await _backfill_secondary(config, store, primary, target, dry_run)
 
-        return await for_each_secondary(config, secondary, backfill_one)
+        return await for_each_secondary(config, secondary, backfill_one, store=store)
 
 
 @flow(name="backfill-batch", flow_run_name="backfill-batch {secondary}")
@@ -81,7 +81,7 @@ async def backfill_batch(secondary: str, repositories: list[str], dry_run: bool 
             await store.run_finished(run_id, "failed" if summary["failed"] else "completed", json.dumps(summary))
             return summary
 
-        [summary] = await for_each_secondary(config, secondary, sync)
+        [summary] = await for_each_secondary(config, secondary, sync, store=store)
     if summary["failed"]:
         raise ReplicationError(
             f"{summary['failed']} of {len(repositories)} repositories failed: " + "; ".join(summary["failures"])

@@ -22,8 +22,11 @@ async def for_each_secondary(
     config: GeoregConfig,
     name: str | None,
     step: Callable[[RegistryClient, RegistryClient], Awaitable[T]],
+    *,
+    store: StateStore,
 ) -> list[T]:
-    """Run `step(primary, secondary)` for every selected secondary at once.
+    """Run `step(primary, secondary)` for every selected secondary at once; the clients share their
+    registries' pauses through `store`.
 
     Every secondary is attempted; if any failed, the whole run fails naming each failure, so a
     flow never reports success for a secondary it did not bring up to date.
@@ -32,7 +35,7 @@ async def for_each_secondary(
     await apply_limits(config)  # limits must exist before the first copy asks for a slot
 
     async def run(target: SecondaryConfig) -> T:
-        async with primary_client(config) as primary, secondary_client(config, target) as secondary:
+        async with primary_client(config, store) as primary, secondary_client(config, target, store) as secondary:
             return await step(primary, secondary)
 
     outcomes = await asyncio.gather(*(run(target) for target in targets), return_exceptions=True)

@@ -42,4 +42,4 @@ async def delete_image(repository: str, reference: str, secondary: str | None = 
         }
 
     async with open_state(config) as store:
-        return await for_each_secondary(config, secondary, delete_from)
+        return await for_each_secondary(config, secondary, delete_from, store=store)

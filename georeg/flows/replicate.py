@@ -82,4 +82,4 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
         }
 
     async with open_state(config) as store:
-        return await for_each_secondary(config, secondary, replicate_to)
+        return await for_each_secondary(config, secondary, replicate_to, store=store)

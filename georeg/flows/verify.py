@@ -32,7 +32,7 @@ async def verify(secondary: str | None = None, deep: bool = False) -> list[dict[
         async def verify_one(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
             return await _verify_secondary(config, store, primary, target, deep)
 
-        return await for_each_secondary(config, secondary, verify_one)
+        return await for_each_secondary(config, secondary, verify_one, store=store)
 
 
 async def _verify_secondary(

@@ -5,6 +5,7 @@ from georeg.limits import RegistryLimits
 from georeg.registry.auth import PULL_ONLY, PULL_PUSH_DELETE
 from georeg.registry.client import ClientStats, RegistryClient
 from georeg.registry.manifests import Descriptor, Manifest
+from georeg.state import StateStore
 
 __all__ = [
     "ClientStats",
@@ -16,22 +17,26 @@ __all__ = [
 ]
 
 
-def primary_client(config: GeoregConfig) -> RegistryClient:
-    """The primary is only ever read: its tokens carry pull and nothing else."""
+def primary_client(config: GeoregConfig, store: StateStore | None = None) -> RegistryClient:
+    """The primary is only ever read: its tokens carry pull and nothing else.
+
+    With `store`, the client shares its registry's pauses (429s) with every other worker."""
     return RegistryClient(
         "primary",
         config.primary,
         config.replication,
         allowed_actions=PULL_ONLY,
-        limits=RegistryLimits.of(config.primary),
+        limits=RegistryLimits.of(config.primary, store),
     )
 
 
-def secondary_client(config: GeoregConfig, secondary: SecondaryConfig) -> RegistryClient:
+def secondary_client(
+    config: GeoregConfig, secondary: SecondaryConfig, store: StateStore | None = None
+) -> RegistryClient:
     return RegistryClient(
         secondary.name,
         secondary,
         config.replication,
         allowed_actions=PULL_PUSH_DELETE,
-        limits=RegistryLimits.of(secondary),
+        limits=RegistryLimits.of(secondary, store),
     )

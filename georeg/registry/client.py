@@ -292,12 +292,16 @@ class RegistryClient:
                 if response.status_code in expected:
                     return response
                 failure = await self._error_from(response, replayable=replayable)
+            delay = _retry_delay(failure, attempt)
+            if isinstance(failure, RateLimited):
+                # Told to slow down: every request to this registry waits, from every worker, not only this one.
+                await self.limits.pause.extend(delay)
             if not failure.transient or attempt == attempts:
                 raise failure
             self.stats.retries += 1
-            delay = _retry_delay(failure, attempt)
             logger.warning("%s (attempt %d of %d, next in %.1fs)", failure, attempt, attempts, delay)
-            await asyncio.sleep(delay)
+            if not isinstance(failure, RateLimited):  # a pause is waited out in before_request
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def _error_from(self, response: httpx.Response, *, replayable: bool) -> RegistryError:

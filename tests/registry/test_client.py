@@ -19,10 +19,12 @@ from georeg.errors import (
     Unauthorized,
     Unsupported,
 )
+from georeg.limits import RegistryLimits
 from georeg.registry import client as client_module
 from georeg.registry.auth import PULL_PUSH_DELETE
 from georeg.registry.client import RegistryClient
 from georeg.registry.manifests import Descriptor, Manifest
+from georeg.state import StateStore
 from tests.conftest import RegistryPair
 from tests.support.images import (
     DOCKER_LIST,
@@ -334,6 +336,37 @@ async def test_429_waits_for_retry_after(proxy: FaultProxy, repo_name: str) -> N
         assert client.stats.retries == 1
     assert elapsed >= 0.95
     assert [r.status for r in proxy.requests] == [429, 404]
+
+
+async def test_a_429_pauses_every_client_that_shares_the_state(
+    proxy: FaultProxy, repo_name: str, tmp_path: Path
+) -> None:
+    """Two workers' clients of one registry: the one told to retry after 2 s pauses the other too."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    stores = [StateStore(url), StateStore(url)]  # one engine each, as two worker processes have
+    await stores[0].create_tables()
+    clients = [
+        RegistryClient(
+            name,
+            RegistryConfig(url=proxy.url),
+            ReplicationConfig(),
+            allowed_actions=PULL_PUSH_DELETE,
+            limits=RegistryLimits.of(RegistryConfig(url=proxy.url), store),
+        )
+        for name, store in zip(("worker-1", "worker-2"), stores, strict=True)
+    ]
+    proxy.add_fault("GET", r"/tags/list$", status=429, times=1, headers={"Retry-After": "2"})
+    try:
+        assert await clients[0].tags(repo_name) == []  # told to wait, waits, then gets its answer
+        assert await clients[1].tags(repo_name) == []  # never told anything, waits all the same
+    finally:
+        for client in clients:
+            await client.aclose()
+        for store in stores:
+            await store.close()
+    told, *after = proxy.requests
+    assert told.status == 429 and [r.status for r in after] == [404, 404]
+    assert all(r.arrived_at >= told.arrived_at + 1.95 for r in after), [r.arrived_at - told.arrived_at for r in after]
 
 
 async def test_persistent_503_gives_up_after_request_attempts(proxy: FaultProxy, repo_name: str) -> None:

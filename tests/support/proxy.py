@@ -51,6 +51,7 @@ class RecordedRequest:
     status: int
     request_bytes: int
     authorization: str | None
+    arrived_at: float  # time.time() when the request reached the proxy
 
 
 @dataclass
@@ -182,6 +183,7 @@ class FaultProxy:
             status=status,
             request_bytes=request_bytes,
             authorization=request.headers.get("authorization"),
+            arrived_at=request.state.arrived_at,
         )
         with self._lock:
             self.requests.append(entry)
@@ -211,6 +213,7 @@ class FaultProxy:
         self._client = None
 
     async def _handle(self, request: Request) -> Response:
+        request.state.arrived_at = time.time()
         fault = self._take_fault(request.method, request.url.path)
         if fault is not None and not fault.after_upstream:
             sent = 0
