@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from georeg.state import StateStore
 
 logger = logging.getLogger("georeg.limits")
+# How long the copy slots of a worker that died stay taken: the shortest lease Prefect grants (it renews
+# the lease of a live holder in the background).
+COPY_SLOT_LEASE_SECONDS = 60
 
 
 def limit_name(registry: RegistryConfig, kind: str) -> str:
@@ -113,7 +116,7 @@ class RegistryLimits:
             return
         from prefect.concurrency.asyncio import concurrency
 
-        async with concurrency(self.copies, occupy=1, strict=True):
+        async with concurrency(self.copies, occupy=1, strict=True, lease_duration=COPY_SLOT_LEASE_SECONDS):
             yield
 
     async def before_request(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from georeg.limits import RegistryPause
 from georeg.state import StateStore
 from tests.support.images import Pusher, build_image, random_blob
 from tests.support.postgres import PostgresServer
@@ -28,6 +29,7 @@ from tests.support.services import (
     clean_environment,
     deploy_georeg,
     prefect_cli,
+    wait_until,
 )
 
 PASSWORD = f"basic-password-{uuid.uuid4().hex}"
@@ -40,9 +42,10 @@ class Cluster:
     root: Path
     primary: RegistryProcess
     secondary: RegistryProcess
+    primary_proxy: FaultProxy
     secondary_proxy: FaultProxy
     server: PrefectServer
-    workers: list[BackgroundProcess]
+    workers: list[PrefectWorker]
     environment: dict[str, str]
     state_url: str
     key_path: Path
@@ -65,6 +68,16 @@ class Cluster:
 
         return {summary["worker"] for summary in asyncio.run(read())}
 
+    def repository_states(self) -> dict[str, str]:
+        async def read() -> dict[str, str]:
+            store = StateStore(self.state_url)
+            try:
+                return {name: row.state for name, row in (await store.repository_states("secondary")).items()}
+            finally:
+                await store.close()
+
+        return asyncio.run(read())
+
 
 @pytest.fixture(scope="module")
 def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -79,6 +92,7 @@ def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
         ) as server,
         RegistryProcess(root / "primary") as primary,
         RegistryProcess(root / "secondary") as secondary,
+        FaultProxy(primary.url) as primary_proxy,
         FaultProxy(secondary.url) as secondary_proxy,
     ):
         config = root / "georeg.yaml"
@@ -88,7 +102,7 @@ def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
                     # These registries run without auth and ignore credentials; georeg still sends them, so the
                     # password and minted tokens travel, which is what the secret check below needs.
                     "primary": {
-                        "url": primary.url,
+                        "url": primary_proxy.url,
                         "auth": {"type": "basic", "username": "georeg", "password": PASSWORD},
                     },
                     "secondaries": [
@@ -132,7 +146,16 @@ def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
         ]
         try:
             yield Cluster(
-                root, primary, secondary, secondary_proxy, server, workers, environment, georeg_db, keys.key_path
+                root,
+                primary,
+                secondary,
+                primary_proxy,
+                secondary_proxy,
+                server,
+                workers,
+                environment,
+                georeg_db,
+                keys.key_path,
             )
         finally:
             for worker in workers:
@@ -176,6 +199,91 @@ def test_a_backfill_is_shared_by_two_workers_within_the_copy_limit(cluster: Clus
     assert_no_broken_manifest(cluster, list(images))
     assert len(cluster.batch_workers()) == 2  # both workers took batches
     assert 1 <= cluster.secondary_proxy.max_concurrent_transfers <= COPY_LIMIT
+
+
+def test_a_429_from_the_primary_pauses_every_worker(cluster: Cluster):
+    images = populate(cluster, "throttled", 16, 20_000)
+    cluster.primary_proxy.clear()
+    cluster.primary_proxy.add_fault(
+        "GET", r"^/v2/throttled/.+/manifests/", status=429, times=1, headers={"Retry-After": "3"}
+    )
+
+    output = cluster.run_backfill()
+
+    assert "Completed" in output, output
+    assert_replicated(cluster, images)
+    requests = cluster.primary_proxy.requests
+    [told] = [request for request in requests if request.status == 429]
+    # Another worker may have looked for pauses just before the 429: it learns of it within a second.
+    paused = (told.arrived_at + RegistryPause.REFRESH_SECONDS + 0.1, told.arrived_at + 2.9)
+    assert [r.path for r in requests if paused[0] < r.arrived_at < paused[1]] == []
+    assert [r for r in requests if r.arrived_at >= paused[1]]  # and then the backfill went on
+
+
+def test_a_worker_killed_mid_copy_loses_nothing(cluster: Cluster):
+    images = populate(cluster, "crash", 32, 300_000)
+    cluster.secondary_proxy.clear()
+    backfill = BackgroundProcess(
+        [sys.executable, "-m", "prefect", "deployment", "run", "backfill/backfill", "--watch"],
+        cluster.root / "crash-backfill.log",
+        cluster.environment,
+    ).start()
+    victim: PrefectWorker | None = None
+    try:
+        victim = wait_for_a_batch_mid_copy(cluster, deadline=240)
+        victim.kill_with_descendants()  # the worker and its flow runs, as when its machine dies
+        assert backfill.process is not None
+        backfill.process.wait(timeout=600)
+    finally:
+        backfill.stop()
+        if victim is not None:
+            victim.start()
+    output = backfill.log_path.read_text()
+
+    assert "Completed" in output, output
+    crashed = [run for run in flow_runs(cluster, "backfill-batch") if run.state.is_crashed()]
+    assert any((run.state.message or "").startswith("georeg: its worker") for run in crashed), crashed
+    assert_replicated(cluster, images)
+    assert_no_broken_manifest(cluster, list(images))
+    states = cluster.repository_states()
+    assert {states[name] for name in images} == {"synced"}
+
+
+def wait_for_a_batch_mid_copy(cluster: Cluster, deadline: float) -> PrefectWorker:
+    """The worker running a batch (and not the backfill that waits for it) once that batch's first upload
+    has reached the secondary."""
+    found: list[PrefectWorker] = []
+
+    def mid_copy() -> bool:
+        uploading = {
+            r.path.removeprefix("/v2/").split("/blobs/uploads/")[0]
+            for r in cluster.secondary_proxy.requests
+            if "/blobs/uploads/" in r.path
+        }
+        batches = {str(run.id): run for run in flow_runs(cluster, "backfill-batch") if run.state.is_running()}
+        backfills = {str(run.id) for run in flow_runs(cluster, "backfill")}
+        for worker in cluster.workers:
+            ids = worker.running_flow_runs()
+            if ids & backfills:
+                continue  # this worker runs the backfill itself: the one to keep
+            if any(set(batches[i].parameters["repositories"]) & uploading for i in ids & batches.keys()):
+                found.append(worker)
+                return True
+        return False
+
+    wait_until(mid_copy, deadline=deadline, what="a batch flow run copying on a worker of its own", interval=0.2)
+    return found[-1]
+
+
+def flow_runs(cluster: Cluster, *flows: str) -> list[Any]:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    async def read() -> list[Any]:
+        async with PrefectClient(cluster.server.api_url) as client:
+            return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=list(flows))))
+
+    return asyncio.run(read())
 
 
 def test_no_secret_reaches_a_log_a_parameter_or_an_artifact(cluster: Cluster):

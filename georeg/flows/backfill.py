@@ -13,13 +13,14 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from prefect import flow
 from prefect.artifacts import acreate_table_artifact
 
 from georeg.backfill import RepositorySync, RepositorySyncFailed
-from georeg.config import GeoregConfig, load_config
+from georeg.config import BackfillConfig, GeoregConfig, load_config
 from georeg.errors import GeoregError, ReplicationError
 from georeg.flows.common import for_each_secondary, open_state, run_holder
 from georeg.progress import Progress, artifact_key
@@ -30,7 +31,11 @@ from georeg.state import FAILED, STARTED, RepositoryState, StateStore
 from georeg.storage_adapters import StorageAdapter
 from georeg.tasks import list_repositories_task, sync_repository_task, with_retry_settings
 
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
 logger = logging.getLogger("georeg.backfill")
+_BATCH_POLL_SECONDS = 1.0
 # The counts a summary adds up over repositories (and a fanned-out backfill over its batches).
 COUNTS = (
     "synced",
@@ -74,8 +79,17 @@ async def backfill_batch(secondary: str, repositories: list[str], dry_run: bool 
     async with open_state(config) as store:
 
         async def sync(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
+            # The lease says this batch is alive. A batch whose worker died would show Running in Prefect for
+            # ever; the backfill waiting for it ends it as crashed once the lease runs out, and runs it again.
+            # The lease is left to run out, not released: the backfill releases it once the run has ended.
+            lease, lease_seconds = batch_lease(str(flow_run.id)), config.backfill.lease_seconds
+            await store.acquire_lease(lease, str(flow_run.id), lease_seconds)
+            keep_lease = asyncio.create_task(_renew(store, lease, str(flow_run.id), lease_seconds))
             run_id = await store.run_started("backfill-batch", target.name)
-            summary = await _sync_repositories(config, store, primary, target, repositories, dry_run)
+            try:
+                summary = await _sync_repositories(config, store, primary, target, repositories, dry_run)
+            finally:
+                keep_lease.cancel()
             # Which worker did this share (a process worker's flow runs are its children).
             summary.update(flow_run_id=str(flow_run.id), worker=f"{socket.gethostname()}:{os.getppid()}")
             await store.run_finished(run_id, "failed" if summary["failed"] else "completed", json.dumps(summary))
@@ -192,10 +206,9 @@ async def _fan_out(
 
     async def run(batch: list[str]) -> Any:
         parameters = {"secondary": secondary, "repositories": batch, "dry_run": dry_run}
-        for _ in range(2):  # a batch whose worker died (Prefect marks it crashed) runs once more
-            flow_run = await arun_deployment(
-                config.backfill.batch_deployment, parameters=parameters, timeout=None, poll_interval=1
-            )
+        for _ in range(2):  # a batch whose worker died (crashed) runs once more
+            started = await arun_deployment(config.backfill.batch_deployment, parameters=parameters, timeout=0)
+            flow_run = await _batch_outcome(store, started.id, config.backfill)
             if not (flow_run.state and flow_run.state.is_crashed()):
                 break
             logger.warning("batch flow run %s crashed; running its %d repositories again", flow_run.id, len(batch))
@@ -221,6 +234,46 @@ async def _fan_out(
     summary["failures"] = summary["failures"][:3]
     summary["workers"] = sorted(set(summary["workers"]))
     return summary
+
+
+def batch_lease(flow_run_id: str) -> str:
+    return f"backfill-batch:{flow_run_id}"
+
+
+async def _batch_outcome(store: StateStore, flow_run_id: UUID, settings: BackfillConfig) -> FlowRun:
+    """Wait for a batch flow run to end, and end it as crashed if it never will.
+
+    A worker killed with its machine leaves its flow run Pending or Running in Prefect for ever. A batch
+    renews its lease while it runs: one that has held no live lease for `lease_seconds` since it started
+    has lost its worker. So has one still not finished after `batch_timeout_seconds`.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    deadline = time.time() + settings.batch_timeout_seconds
+    async with get_client() as client:
+        while True:
+            flow_run = await client.read_flow_run(flow_run_id)
+            state = flow_run.state
+            if state is None or state.is_final():
+                break
+            why = None
+            if time.time() > deadline:
+                why = f"it did not finish within backfill.batch_timeout_seconds ({settings.batch_timeout_seconds:g} s)"
+            elif (
+                (state.is_running() or state.is_pending())
+                and time.time() - state.timestamp.timestamp() > settings.lease_seconds
+                and await store.lease_holder(batch_lease(str(flow_run_id))) is None
+            ):
+                why = f"its worker stopped renewing its lease for {settings.lease_seconds:g} s: it died"
+            if why is not None:
+                logger.warning("batch flow run %s ends as crashed: %s", flow_run_id, why)
+                await client.set_flow_run_state(flow_run_id, Crashed(message=f"georeg: {why}"), force=True)
+                flow_run = await client.read_flow_run(flow_run_id)
+                break
+            await asyncio.sleep(_BATCH_POLL_SECONDS)
+    await store.release_lease(batch_lease(str(flow_run_id)), str(flow_run_id))
+    return flow_run
 
 
 async def _sync_one(

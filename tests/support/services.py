@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +27,22 @@ def wait_until(condition: Callable[[], bool], *, deadline: float, what: str, int
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {deadline:.0f}s waiting for {what}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (command) state ppid ...": the command may hold spaces, so split after its ")".
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, waiting = [], list(children.get(pid, []))
+    while waiting:
+        child = waiting.pop()
+        found.append(child)
+        waiting += children.get(child, [])
+    return found
 
 
 def answers(url: str, *statuses: int) -> Callable[[], bool]:
@@ -72,6 +90,31 @@ class BackgroundProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def kill_with_descendants(self) -> None:
+        """SIGKILL to the process, then at once to everything it started: its whole machine going down.
+        The process goes first, so that it cannot see its children die and report it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        below = descendants(self.process.pid)
+        self.process.kill()
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+
+    def descendant_environments(self) -> list[dict[str, str]]:
+        """The environment of each process this one started (and they started), read from /proc."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        found = []
+        for pid in descendants(self.process.pid):
+            with contextlib.suppress(OSError):
+                raw = Path(f"/proc/{pid}/environ").read_bytes()
+                found.append(
+                    dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+                )
+        return found
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -180,3 +223,7 @@ class PrefectWorker(BackgroundProcess):
             str(limit),
         ]
         super().__init__(command, log_path, {**environment, **self.SETTINGS})
+
+    def running_flow_runs(self) -> set[str]:
+        """The ids of the flow runs this worker's processes run right now."""
+        return {env["PREFECT__FLOW_RUN_ID"] for env in self.descendant_environments() if "PREFECT__FLOW_RUN_ID" in env}
