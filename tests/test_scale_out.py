@@ -126,7 +126,8 @@ def cluster(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) 
                         "chunk_size": 262_144,
                         "monolithic_max": 65_536,
                     },
-                    "backfill": {"batch_size": 8, "batch_timeout_seconds": 45, "lease_seconds": 15},
+                    # A lease short enough for the kill test not to wait long for the dead worker's batches.
+                    "backfill": {"batch_size": 8, "lease_seconds": 20},
                 }
             )
         )

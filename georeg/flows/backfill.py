@@ -77,25 +77,25 @@ async def backfill_batch(secondary: str, repositories: list[str], dry_run: bool 
 
     config = load_config()
     async with open_state(config) as store:
+        # The lease says this batch is alive. A batch whose worker died would show Running in Prefect for
+        # ever; the backfill waiting for it ends it as crashed once the lease runs out, and runs it again.
+        # It is left to run out, not released: the backfill releases it once the run has ended.
+        lease, holder, lease_seconds = batch_lease(str(flow_run.id)), str(flow_run.id), config.backfill.lease_seconds
+        await store.acquire_lease(lease, holder, lease_seconds)
+        keep_lease = asyncio.create_task(_renew(store, lease, holder, lease_seconds))
 
         async def sync(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
-            # The lease says this batch is alive. A batch whose worker died would show Running in Prefect for
-            # ever; the backfill waiting for it ends it as crashed once the lease runs out, and runs it again.
-            # The lease is left to run out, not released: the backfill releases it once the run has ended.
-            lease, lease_seconds = batch_lease(str(flow_run.id)), config.backfill.lease_seconds
-            await store.acquire_lease(lease, str(flow_run.id), lease_seconds)
-            keep_lease = asyncio.create_task(_renew(store, lease, str(flow_run.id), lease_seconds))
             run_id = await store.run_started("backfill-batch", target.name)
-            try:
-                summary = await _sync_repositories(config, store, primary, target, repositories, dry_run)
-            finally:
-                keep_lease.cancel()
+            summary = await _sync_repositories(config, store, primary, target, repositories, dry_run)
             # Which worker did this share (a process worker's flow runs are its children).
             summary.update(flow_run_id=str(flow_run.id), worker=f"{socket.gethostname()}:{os.getppid()}")
             await store.run_finished(run_id, "failed" if summary["failed"] else "completed", json.dumps(summary))
             return summary
 
-        [summary] = await for_each_secondary(config, secondary, sync, store=store)
+        try:
+            [summary] = await for_each_secondary(config, secondary, sync, store=store)
+        finally:
+            keep_lease.cancel()
     if summary["failed"]:
         raise ReplicationError(
             f"{summary['failed']} of {len(repositories)} repositories failed: " + "; ".join(summary["failures"])
@@ -243,8 +243,8 @@ def batch_lease(flow_run_id: str) -> str:
 async def _batch_outcome(store: StateStore, flow_run_id: UUID, settings: BackfillConfig) -> FlowRun:
     """Wait for a batch flow run to end, and end it as crashed if it never will.
 
-    A worker killed with its machine leaves its flow run Pending or Running in Prefect for ever. A batch
-    renews its lease while it runs: one that has held no live lease for `lease_seconds` since it started
+    A worker killed with its machine leaves its flow run Running (or Pending) in Prefect for ever. A batch
+    renews its lease while it runs: one that has been Running for `lease_seconds` without a live lease
     has lost its worker. So has one still not finished after `batch_timeout_seconds`.
     """
     from prefect.client.orchestration import get_client
@@ -261,7 +261,7 @@ async def _batch_outcome(store: StateStore, flow_run_id: UUID, settings: Backfil
             if time.time() > deadline:
                 why = f"it did not finish within backfill.batch_timeout_seconds ({settings.batch_timeout_seconds:g} s)"
             elif (
-                (state.is_running() or state.is_pending())
+                state.is_running()  # a worker that died before Running is caught by the timeout only
                 and time.time() - state.timestamp.timestamp() > settings.lease_seconds
                 and await store.lease_holder(batch_lease(str(flow_run_id))) is None
             ):
