@@ -114,6 +114,11 @@ class DispatchConfig(_Strict):
     poll_seconds: float = Field(default=1.0, gt=0, le=60, description="how often due work and runs are checked")
     max_attempts: int = Field(default=10, ge=1, le=1000, description="failed runs of one item before it is parked")
     backoff_cap_seconds: float = Field(default=300.0, ge=1, le=86400)
+    run_timeout_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="a deployment flow run not finished by then (its worker died) is ended as crashed and retried",
+    )
     replicate_deployment: str = "replicate-image/replicate-image"
     delete_deployment: str = "delete-image/delete-image"
 

@@ -87,14 +87,23 @@ class DeploymentFlowRuns:
         return str(flow_run.id)
 
     async def _wait(self, flow_run_id: str) -> Any:
+        """The run's final state. A worker that died with its machine leaves its run Running for ever:
+        one not finished after `run_timeout_seconds` is ended as crashed here, and so retried."""
         from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
 
+        deadline = time.monotonic() + self.settings.run_timeout_seconds
         while True:
             try:
                 async with get_client() as client:
                     flow_run = await client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
-                if flow_run.state is not None and flow_run.state.is_final():
-                    return flow_run.state
+                    if flow_run.state is not None and flow_run.state.is_final():
+                        return flow_run.state
+                    if time.monotonic() > deadline:
+                        limit = self.settings.run_timeout_seconds
+                        why = f"georeg: not finished within dispatch.run_timeout_seconds ({limit:g} s)"
+                        await client.set_flow_run_state(flow_run_id, Crashed(message=why), force=True)  # type: ignore[arg-type]
+                        return (await client.read_flow_run(flow_run_id)).state  # type: ignore[arg-type]
             except (httpx.TransportError, OSError, RuntimeError) as error:
                 # The run goes on on its worker; the API will be back. Keep watching.
                 logger.warning("cannot read flow run %s, will retry: %s", flow_run_id, error)
