@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import httpx
@@ -42,15 +43,70 @@ class FlowRuns(Protocol):
         """Run the claimed work to its end; raise if it did not succeed."""
         ...
 
+    async def close(self) -> None:
+        """Release what the runs shared (the dispatcher is stopping)."""
+        ...
+
+
+class SharedPrefectClient:
+    """One Prefect API client for every flow run the dispatcher starts, watches or runs inline.
+
+    Outside a flow run, `get_client()` makes a new client at every call, and each one builds its own
+    TLS context (loading the CA bundle: about 0.1 s of CPU) and opens new connections. With a flow run
+    created, polled every `poll_seconds` and, inline, run through its engine, that was most of the
+    receiver's own work per event. The client is opened on first use, without asking the API
+    anything, so an unreachable Prefect API is still seen where it was before: at the first call.
+    """
+
+    def __init__(self) -> None:
+        self._context: Any = None  # prefect.context.AsyncClientContext, imported on first use
+        self._opening = asyncio.Lock()
+
+    async def context(self) -> Any:
+        async with self._opening:
+            if self._context is None:
+                from prefect.context import AsyncClientContext
+
+                context = AsyncClientContext()
+                await context.client.__aenter__()
+                self._context = context
+            return self._context
+
+    async def client(self) -> Any:
+        return (await self.context()).client
+
+    @contextlib.asynccontextmanager
+    async def installed(self) -> AsyncIterator[None]:
+        """Inside this block, Prefect's own `get_client()` (the flow engine's) answers with the shared client."""
+        from prefect.context import AsyncClientContext
+
+        token = AsyncClientContext.__var__.set(await self.context())
+        try:
+            yield
+        finally:
+            AsyncClientContext.__var__.reset(token)
+
+    async def close(self) -> None:
+        context, self._context = self._context, None
+        if context is not None:
+            await context.client.__aexit__(None, None, None)
+
 
 class InlineFlowRuns:
     """Flows run in the receiver's own process."""
+
+    def __init__(self) -> None:
+        self.prefect = SharedPrefectClient()
 
     async def run(self, claim: Claim, store: StateStore) -> None:
         from georeg.flows import delete_image, replicate_image
 
         flow = replicate_image if claim.action == REPLICATE else delete_image
-        await flow(claim.repository, claim.reference, claim.secondary)
+        async with self.prefect.installed():
+            await flow(claim.repository, claim.reference, claim.secondary)
+
+    async def close(self) -> None:
+        await self.prefect.close()
 
 
 class DeploymentFlowRuns:
@@ -58,6 +114,10 @@ class DeploymentFlowRuns:
 
     def __init__(self, settings: DispatchConfig) -> None:
         self.settings = settings
+        self.prefect = SharedPrefectClient()
+
+    async def close(self) -> None:
+        await self.prefect.close()
 
     async def run(self, claim: Claim, store: StateStore) -> None:
         flow_run_id = claim.flow_run_id or await self._start(claim)
@@ -75,6 +135,7 @@ class DeploymentFlowRuns:
         try:
             flow_run = await arun_deployment(
                 deployment,
+                client=await self.prefect.client(),
                 parameters={"repository": claim.repository, "reference": claim.reference, "secondary": claim.secondary},
                 timeout=0,
                 as_subflow=False,
@@ -87,12 +148,10 @@ class DeploymentFlowRuns:
         return str(flow_run.id)
 
     async def _wait(self, flow_run_id: str) -> Any:
-        from prefect.client.orchestration import get_client
-
         while True:
             try:
-                async with get_client() as client:
-                    flow_run = await client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+                client = await self.prefect.client()
+                flow_run = await client.read_flow_run(flow_run_id)
                 if flow_run.state is not None and flow_run.state.is_final():
                     return flow_run.state
             except (httpx.TransportError, OSError, RuntimeError) as error:
@@ -146,6 +205,7 @@ class Dispatcher:
         for task in self._active.values():
             task.cancel()
         await asyncio.gather(*self._active.values(), return_exceptions=True)
+        await self.runs.close()
 
     async def _resume_after_restart(self) -> None:
         """Rows left running by a previous process: watch their flow runs again, or run them anew."""

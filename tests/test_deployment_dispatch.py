@@ -159,3 +159,18 @@ def test_deploy_all_creates_every_deployment_with_its_schedule(site: DeployedSit
         "verify/verify": ["30 3 * * *"],
         "backfill_batch/backfill-batch": [],
     }
+
+
+def test_the_worker_starts_the_engine_directly(site: DeployedSite):
+    """prefect.yaml sets the job's command, so a process worker runs `python -m prefect.engine` itself
+    instead of a workspace supervisor that imports Prefect and then starts the engine (a second import)."""
+    from prefect.client.orchestration import PrefectClient
+
+    async def read() -> dict[str, object]:
+        async with PrefectClient(site.server.api_url) as client:
+            return {d.name: (d.job_variables or {}).get("command") for d in await client.read_deployments()}
+
+    commands = asyncio.run(read())
+    assert set(commands) == {"replicate-image", "delete-image", "backfill", "verify", "backfill-batch"}
+    for command in commands.values():
+        assert isinstance(command, str) and command.endswith("/.venv/bin/python -m prefect.engine")
