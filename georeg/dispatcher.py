@@ -49,13 +49,14 @@ class FlowRuns(Protocol):
 
 
 class SharedPrefectClient:
-    """One Prefect API client for every flow run the dispatcher starts, watches or runs inline.
+    """One Prefect API client for the flow runs the dispatcher watches or runs inline.
 
     Outside a flow run, `get_client()` makes a new client at every call, and each one builds its own
-    TLS context (loading the CA bundle: about 0.1 s of CPU) and opens new connections. With a flow run
-    created, polled every `poll_seconds` and, inline, run through its engine, that was most of the
-    receiver's own work per event. The client is opened on first use, without asking the API
-    anything, so an unreachable Prefect API is still seen where it was before: at the first call.
+    TLS context (loading the CA bundle: about 0.1 s of CPU) and opens new connections. With every run
+    polled every `poll_seconds` and, inline, run through its engine, that was most of the receiver's
+    own work per event. The client is opened on first use, without asking the API anything. Once it
+    has connected, Prefect's client retries refused connections for about a minute (it rides through
+    a server restart), so calls that must notice an outage at once use a client of their own.
     """
 
     def __init__(self) -> None:
@@ -133,9 +134,11 @@ class DeploymentFlowRuns:
             self.settings.replicate_deployment if claim.action == REPLICATE else self.settings.delete_deployment
         )
         try:
+            # A client of its own, not the shared one: a Prefect client that has connected once retries a
+            # refused connection for about a minute, and an unreachable API must be noticed at once here
+            # (the work goes back to the journal). Watching the run below can afford the retries.
             flow_run = await arun_deployment(
                 deployment,
-                client=await self.prefect.client(),
                 parameters={"repository": claim.repository, "reference": claim.reference, "secondary": claim.secondary},
                 timeout=0,
                 as_subflow=False,

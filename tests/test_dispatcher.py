@@ -1,4 +1,4 @@
-"""The dispatcher's shared Prefect client: one client for every flow run it starts, watches or runs inline."""
+"""The dispatcher's shared Prefect client: one client for the flow runs it watches or runs inline."""
 
 from __future__ import annotations
 
