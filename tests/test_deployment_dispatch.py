@@ -120,6 +120,14 @@ def test_events_wait_while_prefect_is_down_and_run_exactly_once(site: DeployedSi
 
 
 def test_a_failed_run_is_retried_with_backoff_and_stays_visible(site: DeployedSite, repo_name: str):
+    # Work left by earlier tests (the index's children, runs that crashed with the Prefect server) must
+    # not be owed when the secondary goes away, or it fails too and the journal depth below is not ours.
+    wait_until(
+        lambda: "georeg_journal_depth 0.0" in httpx.get(f"{site.receiver.url}/metrics").text,
+        deadline=180,
+        what="the work of earlier tests to finish",
+        interval=0.5,
+    )
     site.secondary.stop()  # every copy to it fails until it is back
     image = build_image("oci")
     with Pusher(site.primary.url) as pusher:
