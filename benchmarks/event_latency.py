@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
 import re
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -56,7 +58,7 @@ TIMEOUT_S = 120.0
 SECRET = "benchmark-notification-secret"
 POOL = "georeg"
 WORKER_COMMAND = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL]
-WORKER_SETTINGS = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+WORKER_SETTINGS = PrefectWorker.SETTINGS
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "event_latency.json"
 FLOW_RUNS_METRIC = re.compile(r'^georeg_flow_runs_total\{outcome="(\w+)"\} (\S+)$', re.MULTILINE)
 
@@ -74,6 +76,8 @@ class Site:
     secondary: RegistryProcess
     receiver: GeoregServe
     worker: BackgroundProcess | None
+    api_url: str
+    state_db: Path
 
     def logs(self) -> str:
         worker = f"\n--- worker log ---\n{self.worker.log_tail(20)}" if self.worker else ""
@@ -151,17 +155,25 @@ def running_site(mode: str, root: Path) -> Iterator[Site]:
         )
         worker = start_worker(stack, root, env, server.api_url) if mode == "deployment" else None
         receiver = stack.enter_context(GeoregServe(config, root / "serve.log", env, port=receiver_port))
-        yield Site(primary, secondary, receiver, worker)
+        yield Site(primary, secondary, receiver, worker, server.api_url, root / "georeg.db")
 
 
 # --- the measurement -----------------------------------------------------------------------------
 
 
-def push_and_wait(site: Site, pusher: Pusher, secondary: Pusher, tag: str) -> float:
-    """Seconds from the manifest PUT's answer to the secondary serving the image under `tag`."""
+@dataclass(frozen=True)
+class Push:
+    tag: str
+    latency_s: float  # manifest PUT answered -> the secondary serves the digest (monotonic clock)
+    pushed_at: float  # the same two moments on the wall clock, to line up with the journal and Prefect
+    available_at: float
+
+
+def push_and_wait(site: Site, pusher: Pusher, secondary: Pusher, tag: str) -> Push:
+    """From the manifest PUT's answer to the secondary serving the image under `tag`."""
     image = build_image("docker")
     pusher.push_image(REPOSITORY, image, tag)
-    pushed = time.monotonic()
+    pushed, pushed_at = time.monotonic(), time.time()
     try:
         wait_until(
             lambda: secondary.head_manifest(REPOSITORY, tag) == image.digest,
@@ -171,7 +183,7 @@ def push_and_wait(site: Site, pusher: Pusher, secondary: Pusher, tag: str) -> fl
         )
     except AssertionError as error:
         raise BenchmarkError(f"{error}\n{site.logs()}") from None
-    return time.monotonic() - pushed
+    return Push(tag, time.monotonic() - pushed, pushed_at, time.time())
 
 
 def measure_mode(mode: str, images: int, root: Path) -> dict[str, Any]:
@@ -181,14 +193,25 @@ def measure_mode(mode: str, images: int, root: Path) -> dict[str, Any]:
         Pusher(site.primary.url) as pusher,
         Pusher(site.secondary.url) as secondary,
     ):
-        samples = []
+        pushes = []
         for index in range(1, images + 1):
-            samples.append(push_and_wait(site, pusher, secondary, f"{mode}-{index:03d}"))
+            pushes.append(push_and_wait(site, pusher, secondary, f"{mode}-{index:03d}"))
             if index % 10 == 0 or index == images:
-                print(f"  {mode}: {index}/{images}, last {samples[-1]:.3f} s", flush=True)
+                print(f"  {mode}: {index}/{images}, last {pushes[-1].latency_s:.3f} s", flush=True)
+        load_1m = os.getloadavg()[0]
         flow_runs, failed = finished_flow_runs(site, images), site.failed_runs()
+        stages = stage_breakdown(site, pushes)
+    samples = [push.latency_s for push in pushes]
     samples_s = [round(sample, 4) for sample in samples]
-    return {**summarise(samples), "flow_runs": flow_runs, "failed_runs_log": failed, "samples_s": samples_s}
+    return {
+        **summarise(samples),
+        "load_1m_at_end": round(load_1m, 2),
+        "stages_median_s": {name: statistics.median(values) for name, values in stages.items() if values},
+        "flow_runs": flow_runs,
+        "failed_runs_log": failed,
+        "samples_s": samples_s,
+        "stages_s": stages,
+    }
 
 
 def finished_flow_runs(site: Site, expected: int) -> dict[str, float]:
@@ -196,6 +219,61 @@ def finished_flow_runs(site: Site, expected: int) -> dict[str, float]:
     with contextlib.suppress(AssertionError):
         wait_until(lambda: sum(site.flow_runs().values()) >= expected, deadline=30, what="the last flow runs to end")
     return site.flow_runs()
+
+
+STAGES = ("delivery", "dispatch", "pickup", "start", "setup", "copy", "seen")
+
+
+def stage_breakdown(site: Site, pushes: list[Push]) -> dict[str, list[float]]:
+    """Where each push's latency went, from timestamps: the journal's (when the receiver wrote the event)
+    and the Prefect server's (the flow run's creation and states, its task runs' start and end).
+
+    delivery: PUT answered -> event journaled (the registry's notification, the receiver, the journal write);
+    dispatch: journaled -> flow run created (the dispatcher's pick-up and the Prefect API call);
+    pickup:   created -> Pending, the worker took it (deployment mode only);
+    start:    -> Running: the flow-run process started, imported Prefect and georeg, loaded the flow
+              (deployment), or the in-process run was set up (inline);
+    setup:    Running -> the first task started (config, clients, the flow's own start);
+    copy:     first task start -> put-manifests ended (resolve, blobs, manifests: the image is there);
+    seen:     put-manifests ended -> the benchmark's HEAD saw it (polling granularity, 20 ms).
+    """
+    with sqlite3.connect(site.state_db) as database:
+        journaled = dict(database.execute("SELECT reference, received_at FROM georeg_events"))
+    names = [f"replicate {REPOSITORY}:{push.tag}" for push in pushes]
+    with httpx.Client(base_url=site.api_url, timeout=30) as api:
+        runs = api.post("/flow_runs/filter", json={"flow_runs": {"name": {"any_": names}}}).json()
+        by_name: dict[str, dict[str, Any]] = {}
+        for run in sorted(runs, key=lambda run: run["created"]):
+            by_name.setdefault(run["name"], run)  # the first run of an image is the one its latency waited for
+        stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        for push in pushes:
+            run = by_name.get(f"replicate {REPOSITORY}:{push.tag}")
+            if run is None or push.tag not in journaled:
+                continue
+            states = api.get("/flow_run_states/", params={"flow_run_id": run["id"]}).json()
+            entered: dict[str, float] = {}
+            for moment, kind in sorted((_epoch(state["timestamp"]), state["type"]) for state in states):
+                entered.setdefault(kind, moment)  # the first time the run entered each state
+            task_runs = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
+            starts = [_epoch(task["start_time"]) for task in task_runs if task.get("start_time")]
+            manifests_put = [
+                _epoch(task["end_time"])
+                for task in task_runs
+                if task["name"].startswith("put-manifests") and task.get("end_time")
+            ]
+            if "RUNNING" not in entered or not starts or not manifests_put:
+                continue
+            created = _epoch(run["created"])
+            moments = [push.pushed_at, journaled[push.tag], created]
+            moments += [entered.get("PENDING", created), entered["RUNNING"], min(starts), max(manifests_put)]
+            moments.append(push.available_at)
+            for stage, (start, end) in zip(STAGES, itertools.pairwise(moments), strict=True):
+                stages[stage].append(round(end - start, 4))
+    return stages
+
+
+def _epoch(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
 def summarise(samples: list[float]) -> dict[str, Any]:
@@ -259,6 +337,14 @@ def format_table(results: dict[str, Any]) -> str:
         runs = ", ".join(f"{outcome} {count:.0f}" for outcome, count in figures["flow_runs"].items()) or "-"
         values = " ".join(f"{figures[key]:>7.3f}" for key in ("min_s", "p50_s", "p95_s", "max_s", "first_s"))
         lines.append(f"{mode:<11} {figures['images']:>6} {values}  {runs}")
+    lines.append("")
+    header = "  ".join(f"{stage:>8}" for stage in STAGES)
+    lines.append(f"{'median per stage, seconds (see stage_breakdown)':<48}{header}  load")
+    for mode, figures in results["modes"].items():
+        if "stages_median_s" in figures:
+            medians = figures["stages_median_s"]
+            values = "  ".join(f"{medians[stage]:>8.3f}" if stage in medians else f"{'-':>8}" for stage in STAGES)
+            lines.append(f"{mode:<48}{values}  {figures['load_1m_at_end']:.2f}")
     for mode, figures in results["modes"].items():
         if figures.get("failed_runs_log"):
             lines.append(

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import httpx
@@ -42,15 +43,71 @@ class FlowRuns(Protocol):
         """Run the claimed work to its end; raise if it did not succeed."""
         ...
 
+    async def close(self) -> None:
+        """Release what the runs shared (the dispatcher is stopping)."""
+        ...
+
+
+class SharedPrefectClient:
+    """One Prefect API client for the flow runs the dispatcher watches or runs inline.
+
+    Outside a flow run, `get_client()` makes a new client at every call, and each one builds its own
+    TLS context (loading the CA bundle: about 0.1 s of CPU) and opens new connections. With every run
+    polled every `poll_seconds` and, inline, run through its engine, that was most of the receiver's
+    own work per event. The client is opened on first use, without asking the API anything. Once it
+    has connected, Prefect's client retries refused connections for about a minute (it rides through
+    a server restart), so calls that must notice an outage at once use a client of their own.
+    """
+
+    def __init__(self) -> None:
+        self._context: Any = None  # prefect.context.AsyncClientContext, imported on first use
+        self._opening = asyncio.Lock()
+
+    async def context(self) -> Any:
+        async with self._opening:
+            if self._context is None:
+                from prefect.context import AsyncClientContext
+
+                context = AsyncClientContext()
+                await context.client.__aenter__()
+                self._context = context
+            return self._context
+
+    async def client(self) -> Any:
+        return (await self.context()).client
+
+    @contextlib.asynccontextmanager
+    async def installed(self) -> AsyncIterator[None]:
+        """Inside this block, Prefect's own `get_client()` (the flow engine's) answers with the shared client."""
+        from prefect.context import AsyncClientContext
+
+        token = AsyncClientContext.__var__.set(await self.context())
+        try:
+            yield
+        finally:
+            AsyncClientContext.__var__.reset(token)
+
+    async def close(self) -> None:
+        context, self._context = self._context, None
+        if context is not None:
+            await context.client.__aexit__(None, None, None)
+
 
 class InlineFlowRuns:
     """Flows run in the receiver's own process."""
+
+    def __init__(self) -> None:
+        self.prefect = SharedPrefectClient()
 
     async def run(self, claim: Claim, store: StateStore) -> None:
         from georeg.flows import delete_image, replicate_image
 
         flow = replicate_image if claim.action == REPLICATE else delete_image
-        await flow(claim.repository, claim.reference, claim.secondary)
+        async with self.prefect.installed():
+            await flow(claim.repository, claim.reference, claim.secondary)
+
+    async def close(self) -> None:
+        await self.prefect.close()
 
 
 class DeploymentFlowRuns:
@@ -58,6 +115,10 @@ class DeploymentFlowRuns:
 
     def __init__(self, settings: DispatchConfig) -> None:
         self.settings = settings
+        self.prefect = SharedPrefectClient()
+
+    async def close(self) -> None:
+        await self.prefect.close()
 
     async def run(self, claim: Claim, store: StateStore) -> None:
         flow_run_id = claim.flow_run_id or await self._start(claim)
@@ -73,6 +134,9 @@ class DeploymentFlowRuns:
             self.settings.replicate_deployment if claim.action == REPLICATE else self.settings.delete_deployment
         )
         try:
+            # A client of its own, not the shared one: a Prefect client that has connected once retries a
+            # refused connection for about a minute, and an unreachable API must be noticed at once here
+            # (the work goes back to the journal). Watching the run below can afford the retries.
             flow_run = await arun_deployment(
                 deployment,
                 parameters={"repository": claim.repository, "reference": claim.reference, "secondary": claim.secondary},
@@ -89,21 +153,20 @@ class DeploymentFlowRuns:
     async def _wait(self, flow_run_id: str) -> Any:
         """The run's final state. A worker that died with its machine leaves its run Running for ever:
         one not finished after `run_timeout_seconds` is ended as crashed here, and so retried."""
-        from prefect.client.orchestration import get_client
         from prefect.states import Crashed
 
         deadline = time.monotonic() + self.settings.run_timeout_seconds
         while True:
             try:
-                async with get_client() as client:
-                    flow_run = await client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
-                    if flow_run.state is not None and flow_run.state.is_final():
-                        return flow_run.state
-                    if time.monotonic() > deadline:
-                        limit = self.settings.run_timeout_seconds
-                        why = f"georeg: not finished within dispatch.run_timeout_seconds ({limit:g} s)"
-                        await client.set_flow_run_state(flow_run_id, Crashed(message=why), force=True)  # type: ignore[arg-type]
-                        return (await client.read_flow_run(flow_run_id)).state  # type: ignore[arg-type]
+                client = await self.prefect.client()
+                flow_run = await client.read_flow_run(flow_run_id)
+                if flow_run.state is not None and flow_run.state.is_final():
+                    return flow_run.state
+                if time.monotonic() > deadline:
+                    limit = self.settings.run_timeout_seconds
+                    why = f"georeg: not finished within dispatch.run_timeout_seconds ({limit:g} s)"
+                    await client.set_flow_run_state(flow_run_id, Crashed(message=why), force=True)
+                    return (await client.read_flow_run(flow_run_id)).state
             except (httpx.TransportError, OSError, RuntimeError) as error:
                 # The run goes on on its worker; the API will be back. Keep watching.
                 logger.warning("cannot read flow run %s, will retry: %s", flow_run_id, error)
@@ -155,6 +218,7 @@ class Dispatcher:
         for task in self._active.values():
             task.cancel()
         await asyncio.gather(*self._active.values(), return_exceptions=True)
+        await self.runs.close()
 
     async def _resume_after_restart(self) -> None:
         """Rows left running by a previous process: watch their flow runs again, or run them anew."""

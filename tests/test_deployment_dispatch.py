@@ -120,6 +120,14 @@ def test_events_wait_while_prefect_is_down_and_run_exactly_once(site: DeployedSi
 
 
 def test_a_failed_run_is_retried_with_backoff_and_stays_visible(site: DeployedSite, repo_name: str):
+    # Work left by earlier tests (the index's children, runs that crashed with the Prefect server) must
+    # not be owed when the secondary goes away, or it fails too and the journal depth below is not ours.
+    wait_until(
+        lambda: "georeg_journal_depth 0.0" in httpx.get(f"{site.receiver.url}/metrics").text,
+        deadline=180,
+        what="the work of earlier tests to finish",
+        interval=0.5,
+    )
     site.secondary.stop()  # every copy to it fails until it is back
     image = build_image("oci")
     with Pusher(site.primary.url) as pusher:
@@ -159,3 +167,18 @@ def test_deploy_all_creates_every_deployment_with_its_schedule(site: DeployedSit
         "verify/verify": ["30 3 * * *"],
         "backfill_batch/backfill-batch": [],
     }
+
+
+def test_the_worker_starts_the_engine_directly(site: DeployedSite):
+    """prefect.yaml sets the job's command, so a process worker runs `python -m prefect.engine` itself
+    instead of a workspace supervisor that imports Prefect and then starts the engine (a second import)."""
+    from prefect.client.orchestration import PrefectClient
+
+    async def read() -> dict[str, object]:
+        async with PrefectClient(site.server.api_url) as client:
+            return {d.name: (d.job_variables or {}).get("command") for d in await client.read_deployments()}
+
+    commands = asyncio.run(read())
+    assert set(commands) == {"replicate-image", "delete-image", "backfill", "verify", "backfill-batch"}
+    for command in commands.values():
+        assert isinstance(command, str) and command.endswith("/.venv/bin/python -m prefect.engine")

@@ -7,13 +7,15 @@ import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from georeg.config import GeoregConfig, SecondaryConfig
 from georeg.errors import ReplicationError
 from georeg.limits import apply_limits
 from georeg.registry import RegistryClient, primary_client, secondary_client
-from georeg.state import StateStore
+
+if TYPE_CHECKING:
+    from georeg.state import StateStore
 
 T = TypeVar("T")
 
@@ -23,10 +25,13 @@ async def for_each_secondary(
     name: str | None,
     step: Callable[[RegistryClient, RegistryClient], Awaitable[T]],
     *,
-    store: StateStore,
+    store: StateStore | None = None,
 ) -> list[T]:
-    """Run `step(primary, secondary)` for every selected secondary at once; the clients share their
-    registries' pauses through `store`.
+    """Run `step(primary, secondary)` for every selected secondary at once.
+
+    With `store`, the clients share their registries' pauses (429s) with every other worker. The long
+    runs (backfill, verify) pass it; an event flow, over in a second or two, does not open the state
+    database before its copy for that: its own 429s still pause it.
 
     Every secondary is attempted; if any failed, the whole run fails naming each failure, so a
     flow never reports success for a secondary it did not bring up to date.
@@ -53,6 +58,8 @@ async def for_each_secondary(
 @contextlib.asynccontextmanager
 async def open_state(config: GeoregConfig) -> AsyncIterator[StateStore]:
     """The state database for the length of a flow run (tables created on first use)."""
+    from georeg.state import StateStore
+
     store = StateStore(config.state.url)
     try:
         await store.create_tables()
@@ -61,21 +68,61 @@ async def open_state(config: GeoregConfig) -> AsyncIterator[StateStore]:
         await store.close()
 
 
-async def record_event_outcome(
-    store: StateStore, config: GeoregConfig, secondary: str, repository: str, reference: str, error: Exception | None
-) -> None:
+class EventOutcomes:
     """The event path's part in the sync state: a failure fails the repository naming the tag; a
-    success only makes the repository known (synced is for a backfill, which sees every tag)."""
-    if error is None:
-        await store.set_repository_state(secondary, repository)
-    else:
-        await store.repository_failed(
-            secondary,
-            repository,
-            f"tag {reference}: {error}",
-            base=config.replication.retry_backoff_base_seconds,
-            cap=config.replication.retry_backoff_cap_seconds,
-        )
+    success only makes the repository known (synced is for a backfill, which sees every tag).
+
+    The state database is opened at the first outcome, after the copy: in a fresh flow-run process,
+    importing SQLAlchemy and creating the tables costs about half a second, which then no longer
+    stands between a push and the image being on the secondary.
+    """
+
+    def __init__(self, config: GeoregConfig) -> None:
+        self.config = config
+        self._store: StateStore | None = None
+        self._opening = asyncio.Lock()
+
+    async def record(self, secondary: str, repository: str, reference: str, error: Exception | None) -> None:
+        store = await self._open()
+        if error is None:
+            await store.set_repository_state(secondary, repository)
+        else:
+            await store.repository_failed(
+                secondary,
+                repository,
+                f"tag {reference}: {error}",
+                base=self.config.replication.retry_backoff_base_seconds,
+                cap=self.config.replication.retry_backoff_cap_seconds,
+            )
+
+    async def _open(self) -> StateStore:
+        async with self._opening:
+            if self._store is None:
+                from georeg.state import StateStore
+
+                store = StateStore(self.config.state.url)
+                try:
+                    await store.create_tables()
+                except BaseException:
+                    await store.close()
+                    raise
+                self._store = store
+            return self._store
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+
+@contextlib.asynccontextmanager
+async def event_outcomes(config: GeoregConfig) -> AsyncIterator[EventOutcomes]:
+    """Where `replicate-image` and `delete-image` record what happened, for the length of a flow run."""
+    outcomes = EventOutcomes(config)
+    try:
+        yield outcomes
+    finally:
+        await outcomes.close()
 
 
 def run_holder() -> str:

@@ -8,10 +8,11 @@ from prefect import flow
 
 from georeg.config import load_config
 from georeg.errors import GeoregError
-from georeg.flows.common import for_each_secondary, open_state, record_event_outcome
+from georeg.flows.common import event_outcomes, for_each_secondary
 from georeg.references import ImageReference, validate_reference, validate_repository
 from georeg.registry import RegistryClient
-from georeg.tasks import converge_deletion_task, with_retry_settings
+from georeg.tasks.replication import converge_deletion_task
+from georeg.tasks.retries import with_retry_settings
 
 
 @flow(name="delete-image", flow_run_name="delete {repository}:{reference}")
@@ -30,9 +31,9 @@ async def delete_image(repository: str, reference: str, secondary: str | None = 
                 primary, target, image_reference
             )
         except GeoregError as error:
-            await record_event_outcome(store, config, target.name, repository, reference, error)
+            await outcomes.record(target.name, repository, reference, error)
             raise
-        await record_event_outcome(store, config, target.name, repository, reference, None)
+        await outcomes.record(target.name, repository, reference, None)
         return {
             "secondary": target.name,
             "image": str(image_reference),
@@ -41,5 +42,5 @@ async def delete_image(repository: str, reference: str, secondary: str | None = 
             "restored_tags": list(deletion.restored_tags),
         }
 
-    async with open_state(config) as store:
-        return await for_each_secondary(config, secondary, delete_from, store=store)
+    async with event_outcomes(config) as outcomes:
+        return await for_each_secondary(config, secondary, delete_from)

@@ -10,19 +10,19 @@ from prefect import flow
 
 from georeg.config import load_config
 from georeg.errors import GeoregError
-from georeg.flows.common import for_each_secondary, open_state, record_event_outcome
+from georeg.flows.common import event_outcomes, for_each_secondary
 from georeg.references import ImageReference, validate_reference, validate_repository
 from georeg.registry import RegistryClient
 from georeg.replication import BlobOutcome, bounded
 from georeg.sharing import decide_mode
-from georeg.tasks import (
+from georeg.tasks.replication import (
     confirm_shared_task,
     copy_blob_task,
     put_manifests_task,
     resolve_image_task,
     verify_replica_task,
-    with_retry_settings,
 )
+from georeg.tasks.retries import with_retry_settings
 
 
 @flow(name="replicate-image", flow_run_name="replicate {repository}:{reference}")
@@ -50,9 +50,9 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
         try:
             summary = await copy_image(primary, target)
         except GeoregError as error:
-            await record_event_outcome(store, config, target.name, repository, reference, error)
+            await outcomes.record(target.name, repository, reference, error)
             raise
-        await record_event_outcome(store, config, target.name, repository, reference, None)
+        await outcomes.record(target.name, repository, reference, None)
         return summary
 
     async def copy_image(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
@@ -81,5 +81,5 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
             "seconds": round(time.monotonic() - started, 3),
         }
 
-    async with open_state(config) as store:
-        return await for_each_secondary(config, secondary, replicate_to, store=store)
+    async with event_outcomes(config) as outcomes:
+        return await for_each_secondary(config, secondary, replicate_to)

@@ -76,3 +76,23 @@ async def test_insecure_turns_verification_off(tls_registry):
     url, _ = tls_registry
     async with client(url, insecure=True) as careless:
         await careless.ping()
+
+
+def test_clients_share_one_tls_context_per_ca_bundle_and_a_replaced_bundle_is_read_again(tmp_path: Path):
+    from georeg.registry.client import _tls_verification
+
+    # Building a context parses the whole CA bundle (about 0.1 s): once per process, not per client.
+    default = RegistryConfig(url="http://127.0.0.1:5000")
+    assert _tls_verification(default) is _tls_verification(RegistryConfig(url="https://registry.example"))
+    assert _tls_verification(RegistryConfig(url="http://127.0.0.1:5000", insecure=True)) is False
+
+    first, _ = self_signed(tmp_path)
+    trusting = RegistryConfig(url="https://127.0.0.1:5000", ca_file=str(first))
+    context = _tls_verification(trusting)
+    assert context is _tls_verification(trusting)
+    assert context is not _tls_verification(default)
+
+    (tmp_path / "new").mkdir()
+    replacement, _ = self_signed(tmp_path / "new")
+    first.write_bytes(replacement.read_bytes() + b"\n")  # rotated in place: same path, new content
+    assert _tls_verification(trusting) is not context
