@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import httpx
-from sqlalchemy.exc import SQLAlchemyError
 
 from georeg.config import GeoregConfig, RegistryConfig
 
@@ -75,6 +74,8 @@ class RegistryPause:
         until = time.time() + seconds
         self._until = max(self._until, until)
         if self._store is not None:
+            from sqlalchemy.exc import SQLAlchemyError  # only with a store: an event flow never imports it
+
             try:
                 await self._store.pause_registry(self.name, until)
             except SQLAlchemyError as error:  # the pause still holds here; the others learn of it by their own 429
@@ -83,6 +84,8 @@ class RegistryPause:
     async def _look(self) -> None:
         if self._store is None or time.monotonic() - self._looked_at < self.REFRESH_SECONDS:
             return
+        from sqlalchemy.exc import SQLAlchemyError
+
         async with self._looking:  # one look for all the requests that are about to start
             if time.monotonic() - self._looked_at < self.REFRESH_SECONDS:
                 return

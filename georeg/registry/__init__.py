@@ -1,11 +1,17 @@
 """Talking to registries: the HTTP client, its auth, token minting and manifests."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from georeg.config import GeoregConfig, SecondaryConfig
 from georeg.limits import RegistryLimits
 from georeg.registry.auth import PULL_ONLY, PULL_PUSH_DELETE
 from georeg.registry.client import ClientStats, RegistryClient
 from georeg.registry.manifests import Descriptor, Manifest
-from georeg.state import StateStore
+
+if TYPE_CHECKING:
+    from georeg.state import StateStore
 
 __all__ = [
     "ClientStats",
