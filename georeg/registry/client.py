@@ -79,11 +79,16 @@ class RegistryClient:
         self.url = config.url
         self.settings = settings
         self.stats = ClientStats()
+        connections = settings.concurrency * 2 + 4
+        # At most one request per pooled connection: httpcore rescans its whole queue against every
+        # connection each time a request starts or ends, which costs more CPU than the requests
+        # themselves once dozens of blob copies wait for a connection. Waiting here is O(1).
+        self._slots = asyncio.Semaphore(connections)
         self._http = httpx.AsyncClient(
             base_url=config.url,
             auth=build_auth(config.auth, allowed_actions),
             timeout=httpx.Timeout(settings.request_timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=settings.concurrency * 2 + 4, max_keepalive_connections=16),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             follow_redirects=True,  # blob GETs may redirect to object storage; httpx drops Authorization there
             verify=_tls_verification(config),
             headers={"User-Agent": "georeg"},
@@ -135,8 +140,9 @@ class RegistryClient:
         expected_digest = reference if reference.startswith("sha256:") else ""
         return Manifest(response.content, _media_type(response), expected_digest)
 
-    async def put_manifest(self, repository: str, reference: str, manifest: Manifest) -> str:
-        """PUT the exact bytes under a tag or digest; return the digest the registry computed."""
+    async def put_manifest(self, repository: str, reference: str, manifest: Manifest) -> str | None:
+        """PUT the exact bytes under a tag or digest; return the digest the registry says it stored
+        (always the manifest's: any other is an IntegrityError), or None if it did not say."""
         response = await self._request(
             "PUT",
             f"/v2/{repository}/manifests/{reference}",
@@ -144,8 +150,8 @@ class RegistryClient:
             content=manifest.content,
             headers={"Content-Type": manifest.media_type},
         )
-        stored = response.headers.get("Docker-Content-Digest", manifest.digest)
-        if stored != manifest.digest:
+        stored = response.headers.get("Docker-Content-Digest")
+        if stored is not None and stored != manifest.digest:
             raise IntegrityError(f"{self.name} stored {repository}:{reference} as {stored}, not {manifest.digest}")
         return stored
 
@@ -182,17 +188,18 @@ class RegistryClient:
     async def open_blob(self, repository: str, digest: str, *, offset: int = 0) -> AsyncIterator[httpx.Response]:
         """Stream a blob from `offset` on; the response's body is not read until iterated."""
         headers = {"Range": f"bytes={offset}-"} if offset else None
-        response = await self._request(
-            "GET",
-            f"/v2/{repository}/blobs/{digest}",
-            expected={206} if offset else {200},
-            headers=headers,
-            stream=True,
-        )
-        try:
-            yield response
-        finally:
-            await response.aclose()
+        async with self._slots:  # the connection stays taken until the stream is closed
+            response = await self._request(
+                "GET",
+                f"/v2/{repository}/blobs/{digest}",
+                expected={206} if offset else {200},
+                headers=headers,
+                stream=True,
+            )
+            try:
+                yield response
+            finally:
+                await response.aclose()
 
     async def start_upload(self, repository: str, *, mount_from: str | None = None, digest: str = "") -> str | None:
         """Open an upload session and return its location; with `mount_from`, try a cross-repository
@@ -266,7 +273,11 @@ class RegistryClient:
             await self.limits.before_request()
             self.stats.requests[method] += 1
             try:
-                response = await self._http.send(request, stream=stream)
+                if stream:  # the caller holds a slot for as long as the stream is open
+                    response = await self._http.send(request, stream=True)
+                else:
+                    async with self._slots:
+                        response = await self._http.send(request)
             except httpx.TransportError as error:
                 if _is_certificate_error(error):
                     raise PermanentRegistryError(
