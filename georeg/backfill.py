@@ -118,7 +118,7 @@ async def sync_repository(
         result.copied, result.removed = to_copy, to_remove
         return result
 
-    for tag in to_copy:
+    async def copy(tag: str) -> None:
         try:
             image = await replicate(
                 primary,
@@ -129,12 +129,20 @@ async def sync_repository(
             )
         except GeoregError as error:
             _record_failure(result, tag, error)
-            continue
+            return
         (result.confirmed if shared_storage else result.copied).append(tag)
         result.bytes_copied += image.bytes_copied
         result.bytes_skipped += image.bytes_skipped
         for outcome in BlobOutcome:
             result.blobs[outcome.value] += image.count(outcome)
+
+    # Tags at once, like repositories: a repository of many tags is not one long queue. A blob that
+    # several tags share still travels once (`copy_blob` waits for a copy under way, then asks again),
+    # and each tag's manifest goes up only after its own blobs are in.
+    room = asyncio.Semaphore(settings.concurrency)
+    await asyncio.gather(*(bounded(room, copy(tag)) for tag in to_copy))
+    result.copied.sort()
+    result.confirmed.sort()
     for tag in to_remove:
         try:
             deletion = await converge_deletion(primary, secondary, ImageReference(repository, tag))

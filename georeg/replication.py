@@ -103,11 +103,14 @@ class BlobLocations:
             weakref.WeakKeyDictionary()
         )
 
-    async def wait_for_copies(self, registry_url: str, digest: str) -> None:
-        """Return once no copy of this blob to this registry is under way."""
+    async def wait_for_copies(self, registry_url: str, digest: str) -> bool:
+        """Return once no copy of this blob to this registry is under way; whether there was one."""
         copying = self._copying.get(asyncio.get_running_loop(), {})
+        waited = False
         while (done := copying.get((registry_url, digest))) is not None:
+            waited = True
             await done.wait()
+        return waited
 
     @contextlib.contextmanager
     def copying(self, registry_url: str, digest: str) -> Iterator[None]:
@@ -146,7 +149,13 @@ async def copy_blob(
     if await secondary.blob_size(repository, blob.digest) is not None:
         locations.remember(secondary.url, blob.digest, repository)
         return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
-    await locations.wait_for_copies(secondary.url, blob.digest)
+    # Another image (of this repository too: a backfill copies its tags at once) may be sending this
+    # blob: wait for it, then ask again, so that a blob shared by concurrent images travels once.
+    if await locations.wait_for_copies(secondary.url, blob.digest) and (
+        await secondary.blob_size(repository, blob.digest) is not None
+    ):
+        locations.remember(secondary.url, blob.digest, repository)
+        return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
     with locations.copying(secondary.url, blob.digest):
         mount_from = locations.find(secondary.url, blob.digest, other_than=repository)
         location = await secondary.start_upload(repository, mount_from=mount_from, digest=blob.digest)
@@ -299,10 +308,12 @@ async def replicate(
     image = await resolve_image(primary, reference)
     if shared_storage is not None:
         copies = await confirm_shared(secondary, shared_storage, image)
+        confirmed = False
     else:
         copies = await copy_blobs(primary, secondary, image, concurrency)
-        await put_manifests(secondary, image)
-    await verify_replica(secondary, image)
+        confirmed = await put_manifests(secondary, image)
+    if not confirmed:
+        await verify_replica(secondary, image)
     return ImageReplication(reference, image.digest, len(image.manifests), tuple(copies))
 
 
@@ -310,20 +321,24 @@ async def confirm_shared(secondary: RegistryClient, storage: StorageAdapter, ima
     """Shared storage: what the primary wrote is the secondary's. Confirm it rather than trust it:
     every manifest served by digest, every blob in the storage with its size. Missing is an error."""
     repository = image.reference.repository
-    for manifest in image.manifests:
-        if await secondary.head_manifest(repository, manifest.digest) is None:
+    blobs = image.blobs()
+    # Every check at once: each is a round trip (a storage call in a worker thread, as the adapters'
+    # SDKs block) and nothing about one depends on another.
+    served, sizes = await asyncio.gather(
+        asyncio.gather(*(secondary.head_manifest(repository, manifest.digest) for manifest in image.manifests)),
+        asyncio.gather(*(asyncio.to_thread(storage_blob_size, storage, blob.digest) for blob in blobs)),
+    )
+    for manifest, head in zip(image.manifests, served, strict=True):
+        if head is None:
             raise ReplicationError(
                 f"{secondary.name} does not serve manifest {manifest.digest} of {image.reference} although it "
                 "shares the primary's storage: check that both registries use the same storage block"
             )
-    copies = []
-    for blob in image.blobs():
-        size = await asyncio.to_thread(storage_blob_size, storage, blob.digest)
+    for blob, size in zip(blobs, sizes, strict=True):
         if size != blob.size:
             found = "is missing from" if size is None else f"has {size} bytes, not {blob.size}, in"
             raise ReplicationError(f"blob {blob.digest} of {image.reference} {found} the shared storage")
-        copies.append(BlobCopy(blob.digest, BlobOutcome.SHARED, 0, blob.size))
-    return copies
+    return [BlobCopy(blob.digest, BlobOutcome.SHARED, 0, blob.size) for blob in blobs]
 
 
 async def copy_blobs(
@@ -343,12 +358,15 @@ async def bounded(semaphore: asyncio.Semaphore, work: Awaitable[T]) -> T:
 # --- manifests -----------------------------------------------------------------------------------
 
 
-async def put_manifests(secondary: RegistryClient, image: ResolvedImage) -> None:
-    """Children by digest first (an index needs them present), then the top under its tag or digest."""
+async def put_manifests(secondary: RegistryClient, image: ResolvedImage) -> bool:
+    """Children by digest first (an index needs them present), then the top under its tag or digest.
+
+    Returns whether the secondary's answer to the last PUT named the image's digest: then the
+    reference is known to serve it and a verifying HEAD would only ask the same question again."""
     repository = image.reference.repository
     for child in image.manifests[:-1]:
         await secondary.put_manifest(repository, child.digest, child)
-    await secondary.put_manifest(repository, image.reference.reference, image.top)
+    return await secondary.put_manifest(repository, image.reference.reference, image.top) == image.digest
 
 
 async def verify_replica(secondary: RegistryClient, image: ResolvedImage) -> None:
