@@ -129,6 +129,10 @@ class BlobLocations:
         while len(self._known) > self._capacity:
             self._known.popitem(last=False)
 
+    def holder(self, registry_url: str, digest: str) -> str | None:
+        """The repository last known to hold the blob."""
+        return self._known.get((registry_url, digest))
+
     def find(self, registry_url: str, digest: str, *, other_than: str) -> str | None:
         repository = self._known.get((registry_url, digest))
         return repository if repository != other_than else None
@@ -144,9 +148,21 @@ async def copy_blob(
     repository: str,
     blob: Descriptor,
     locations: BlobLocations = BLOB_LOCATIONS,
+    *,
+    fresh_repository: bool = False,
 ) -> BlobCopy:
-    """Make `blob` present in `repository` on the secondary: skip, mount, or stream it across."""
-    if await secondary.blob_size(repository, blob.digest) is not None:
+    """Make `blob` present in `repository` on the secondary: skip, mount, or stream it across.
+
+    `fresh_repository` says the secondary listed no tag of the repository: then a small blob (one
+    PUT) is sent without a HEAD first, which would almost always answer 404. Should it be there after
+    all, the registry takes the same bytes again and nothing is wrong; a blob this process has put
+    in the repository itself is still asked for, so tags sharing layers do not send them twice."""
+    ask_first = (
+        not fresh_repository
+        or blob.size > secondary.settings.monolithic_max
+        or locations.holder(secondary.url, blob.digest) == repository
+    )
+    if ask_first and await secondary.blob_size(repository, blob.digest) is not None:
         locations.remember(secondary.url, blob.digest, repository)
         return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
     # Another image (of this repository too: a backfill copies its tags at once) may be sending this
@@ -299,18 +315,20 @@ async def replicate(
     *,
     concurrency: int,
     shared_storage: StorageAdapter | None = None,
+    fresh_repository: bool = False,
 ) -> ImageReplication:
     """The whole procedure for one image in one call, for bulk work (backfill). The replicate-image
     flow runs the same steps as separate Prefect tasks, for their retries and visibility.
 
     With `shared_storage` (the secondary's storage, which the primary shares), nothing is copied:
-    the image is confirmed instead."""
+    the image is confirmed instead. `fresh_repository`: the secondary listed no tag of the repository,
+    so its small blobs are sent without asking first whether it has them (see `copy_blob`)."""
     image = await resolve_image(primary, reference)
     if shared_storage is not None:
         copies = await confirm_shared(secondary, shared_storage, image)
         confirmed = False
     else:
-        copies = await copy_blobs(primary, secondary, image, concurrency)
+        copies = await copy_blobs(primary, secondary, image, concurrency, fresh_repository=fresh_repository)
         confirmed = await put_manifests(secondary, image)
     if not confirmed:
         await verify_replica(secondary, image)
@@ -342,11 +360,21 @@ async def confirm_shared(secondary: RegistryClient, storage: StorageAdapter, ima
 
 
 async def copy_blobs(
-    primary: RegistryClient, secondary: RegistryClient, image: ResolvedImage, concurrency: int
+    primary: RegistryClient,
+    secondary: RegistryClient,
+    image: ResolvedImage,
+    concurrency: int,
+    *,
+    fresh_repository: bool = False,
 ) -> list[BlobCopy]:
     room = asyncio.Semaphore(concurrency)
     repository = image.reference.repository
-    return await asyncio.gather(*(bounded(room, copy_blob(primary, secondary, repository, b)) for b in image.blobs()))
+    return await asyncio.gather(
+        *(
+            bounded(room, copy_blob(primary, secondary, repository, blob, fresh_repository=fresh_repository))
+            for blob in image.blobs()
+        )
+    )
 
 
 async def bounded(semaphore: asyncio.Semaphore, work: Awaitable[T]) -> T:
