@@ -386,15 +386,52 @@ async def bounded(semaphore: asyncio.Semaphore, work: Awaitable[T]) -> T:
 # --- manifests -----------------------------------------------------------------------------------
 
 
+# Manifest PUTs in flight, per event loop (locks belong to one): see `put_manifests`.
+_MANIFEST_PUTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, ...], _SharedLock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@dataclass
+class _SharedLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+@contextlib.asynccontextmanager
+async def _one_at_a_time(*key: str) -> AsyncIterator[None]:
+    """Hold the lock named `key` while the block runs; it is forgotten once nobody holds or waits for it."""
+    locks = _MANIFEST_PUTS.setdefault(asyncio.get_running_loop(), {})
+    shared = locks.setdefault(key, _SharedLock())
+    shared.users += 1
+    try:
+        async with shared.lock:
+            yield
+    finally:
+        shared.users -= 1
+        if not shared.users:
+            del locks[key]
+
+
 async def put_manifests(secondary: RegistryClient, image: ResolvedImage) -> bool:
     """Children by digest first (an index needs them present), then the top under its tag or digest.
+
+    Registry 2.8 on filesystem storage rewrites link and data files in place, and checks a manifest
+    by reading the links of what it references: a manifest PUT that overlaps another PUT into the same
+    repository (a second tag of the image, an index's child) or of the same manifest elsewhere can
+    read a half-written file and fail with DIGEST_INVALID. So PUTs into one repository take turns, and
+    so do PUTs of one digest; blobs still travel all at once.
 
     Returns whether the secondary's answer to the last PUT named the image's digest: then the
     reference is known to serve it and a verifying HEAD would only ask the same question again."""
     repository = image.reference.repository
-    for child in image.manifests[:-1]:
-        await secondary.put_manifest(repository, child.digest, child)
-    return await secondary.put_manifest(repository, image.reference.reference, image.top) == image.digest
+    async with _one_at_a_time(secondary.url, repository):
+        for child in image.manifests[:-1]:
+            async with _one_at_a_time(secondary.url, child.digest):
+                await secondary.put_manifest(repository, child.digest, child)
+        async with _one_at_a_time(secondary.url, image.digest):
+            stored = await secondary.put_manifest(repository, image.reference.reference, image.top)
+    return stored == image.digest
 
 
 async def verify_replica(secondary: RegistryClient, image: ResolvedImage) -> None:
