@@ -167,11 +167,11 @@ async def copy_blob(
         return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
     # Another image (of this repository too: a backfill copies its tags at once) may be sending this
     # blob: wait for it, then ask again, so that a blob shared by concurrent images travels once.
-    if await locations.wait_for_copies(secondary.url, blob.digest) and (
-        await secondary.blob_size(repository, blob.digest) is not None
-    ):
-        locations.remember(secondary.url, blob.digest, repository)
-        return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
+    # The loop ends only when no copy was under way, with no await since: this copy is the only one.
+    while await locations.wait_for_copies(secondary.url, blob.digest):
+        if await secondary.blob_size(repository, blob.digest) is not None:
+            locations.remember(secondary.url, blob.digest, repository)
+            return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
     with locations.copying(secondary.url, blob.digest):
         mount_from = locations.find(secondary.url, blob.digest, other_than=repository)
         location = await secondary.start_upload(repository, mount_from=mount_from, digest=blob.digest)

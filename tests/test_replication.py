@@ -235,3 +235,25 @@ async def test_concurrent_tags_of_a_new_repository_send_a_shared_blob_once(
         assert {tag: check.head_manifest(repo_name, tag) for tag in images} == {
             tag: image.digest for tag, image in images.items()
         }
+
+
+async def test_one_blob_copied_into_many_repositories_at_once_travels_once(
+    registry_pair, clients, secondary_proxy, repo_name
+):
+    """The others wait for the one copy, then mount it, one at a time: never two uploads at once."""
+    import asyncio
+
+    image = build_image("oci", layer_sizes=[4096])
+    repositories = [f"{repo_name}-{number}" for number in range(5)]
+    for repository in repositories:
+        push(registry_pair, repository, image, "v1")
+    primary, secondary = clients
+    locations = BlobLocations()
+    layer = Descriptor(digest=image.blobs[1].digest, size=image.blobs[1].size, media_type=image.blobs[1].media_type)
+
+    copies = await asyncio.gather(
+        *(copy_blob(primary, secondary, repository, layer, locations) for repository in repositories)
+    )
+
+    assert sorted(copy.outcome.value for copy in copies) == ["copied"] + ["mounted"] * 4
+    assert len([r for r in secondary_proxy.requests if r.method == "PUT" and "/blobs/uploads/" in r.path]) == 1
