@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from georeg.config import ReplicationConfig
-from georeg.errors import GeoregError
+from georeg.errors import GeoregError, NotFound
 from georeg.references import ImageReference
 from georeg.registry import RegistryClient
 from georeg.replication import BlobOutcome, DeletionOutcome, bounded, converge_deletion, replicate
@@ -36,7 +36,13 @@ async def list_repositories(
 
 async def tag_digests(client: RegistryClient, repository: str, settings: ReplicationConfig) -> dict[str, str]:
     """tag -> digest for the wanted tags of `repository` (empty if the repository does not exist)."""
-    tags = [tag for tag in await client.tags(repository) if settings.tags.wants(tag)]
+    return await head_digests(
+        client, repository, [tag for tag in await client.tags(repository) if settings.tags.wants(tag)]
+    )
+
+
+async def head_digests(client: RegistryClient, repository: str, tags: list[str]) -> dict[str, str]:
+    """tag -> digest for these tags of `repository`, leaving out those it does not have."""
     room = asyncio.Semaphore(_HEADS_IN_FLIGHT)
     heads = await asyncio.gather(*(bounded(room, client.head_manifest(repository, tag)) for tag in tags))
     return {tag: head.digest for tag, head in zip(tags, heads, strict=True) if head is not None}
@@ -106,9 +112,17 @@ async def sync_repository(
 
     `shared_storage` is the secondary's storage when the primary shares it: tags are confirmed, not copied."""
     result = RepositorySync(repository)
+    primary_tags, secondary_tags = await asyncio.gather(primary.tags(repository), secondary.tags(repository))
+    wanted_tags = [tag for tag in primary_tags if settings.tags.wants(tag)]
+    # A repository the secondary lists no tag of gets every tag copied whatever its digest: the
+    # primary's HEADs would decide nothing, and no blob HEAD is needed for its small blobs either.
+    fresh = not secondary_tags
     wanted, present = await asyncio.gather(
-        tag_digests(primary, repository, settings), tag_digests(secondary, repository, settings)
+        head_digests(primary, repository, [] if fresh else wanted_tags),
+        head_digests(secondary, repository, [tag for tag in secondary_tags if settings.tags.wants(tag)]),
     )
+    if fresh:
+        wanted = dict.fromkeys(wanted_tags, "")
     # On shared storage both sides list the same tags by construction: every tag is confirmed instead,
     # because what makes it synced is that its manifests and blobs really are there.
     to_copy = sorted(tag for tag, digest in wanted.items() if shared_storage or present.get(tag) != digest)
@@ -118,7 +132,7 @@ async def sync_repository(
         result.copied, result.removed = to_copy, to_remove
         return result
 
-    for tag in to_copy:
+    async def copy(tag: str) -> None:
         try:
             image = await replicate(
                 primary,
@@ -126,15 +140,30 @@ async def sync_repository(
                 ImageReference(repository, tag),
                 concurrency=settings.concurrency,
                 shared_storage=shared_storage,
+                fresh_repository=fresh,
             )
+        except NotFound as error:
+            # Listed but not HEADed first: a tag deleted on the primary since is no longer wanted.
+            if fresh and await primary.head_manifest(repository, tag) is None:
+                return
+            _record_failure(result, tag, error)
+            return
         except GeoregError as error:
             _record_failure(result, tag, error)
-            continue
+            return
         (result.confirmed if shared_storage else result.copied).append(tag)
         result.bytes_copied += image.bytes_copied
         result.bytes_skipped += image.bytes_skipped
         for outcome in BlobOutcome:
             result.blobs[outcome.value] += image.count(outcome)
+
+    # Tags at once, like repositories: a repository of many tags is not one long queue. A blob that
+    # several tags share still travels once (`copy_blob` waits for a copy under way, then asks again),
+    # and each tag's manifest goes up only after its own blobs are in.
+    room = asyncio.Semaphore(settings.concurrency)
+    await asyncio.gather(*(bounded(room, copy(tag)) for tag in to_copy))
+    result.copied.sort()
+    result.confirmed.sort()
     for tag in to_remove:
         try:
             deletion = await converge_deletion(primary, secondary, ImageReference(repository, tag))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from uuid import UUID
@@ -32,11 +33,17 @@ def artifact_key(*parts: str) -> str:
 
 
 class Progress:
+    # Each artifact update is a request to the Prefect API, and the advances that queue behind it
+    # hold their caller's concurrency slot: a no-op backfill finishes repositories faster than the
+    # API can take one update each. One update a second is all a person watching can read.
+    INTERVAL_S = 1.0
+
     def __init__(self, key: str, what: str, total: int) -> None:
         self.key, self.what, self.total = key, what, total
         self.done = 0
         self._artifact: UUID | None = None
         self._shown = -1.0
+        self._last_update = 0.0  # time.monotonic() of the last update sent (or being sent)
         self._updating = asyncio.Lock()  # concurrent advances must not land out of order
 
     async def start(self) -> None:
@@ -52,9 +59,14 @@ class Progress:
         self._notify()
         if self._artifact is None:
             return
+        finished = self.done >= self.total
+        now = time.monotonic()
+        if not finished and now - self._last_update < self.INTERVAL_S:
+            return
+        self._last_update = now  # before the await: the advances right behind this one skip
         async with self._updating:
             percent = 100.0 * self.done / self.total if self.total else 100.0  # the count now, not when called
-            # One update per whole percent: a backfill of 100,000 repositories does not send 100,000 updates.
+            # At most one update per whole percent, too: a long backfill does not send one per repository.
             if int(percent) > int(self._shown) or (percent == 100.0 and self._shown < 100.0):
                 self._shown = percent
                 await aupdate_progress_artifact(self._artifact, percent)

@@ -103,11 +103,14 @@ class BlobLocations:
             weakref.WeakKeyDictionary()
         )
 
-    async def wait_for_copies(self, registry_url: str, digest: str) -> None:
-        """Return once no copy of this blob to this registry is under way."""
+    async def wait_for_copies(self, registry_url: str, digest: str) -> bool:
+        """Return once no copy of this blob to this registry is under way; whether there was one."""
         copying = self._copying.get(asyncio.get_running_loop(), {})
+        waited = False
         while (done := copying.get((registry_url, digest))) is not None:
+            waited = True
             await done.wait()
+        return waited
 
     @contextlib.contextmanager
     def copying(self, registry_url: str, digest: str) -> Iterator[None]:
@@ -126,6 +129,10 @@ class BlobLocations:
         while len(self._known) > self._capacity:
             self._known.popitem(last=False)
 
+    def holder(self, registry_url: str, digest: str) -> str | None:
+        """The repository last known to hold the blob."""
+        return self._known.get((registry_url, digest))
+
     def find(self, registry_url: str, digest: str, *, other_than: str) -> str | None:
         repository = self._known.get((registry_url, digest))
         return repository if repository != other_than else None
@@ -141,12 +148,30 @@ async def copy_blob(
     repository: str,
     blob: Descriptor,
     locations: BlobLocations = BLOB_LOCATIONS,
+    *,
+    fresh_repository: bool = False,
 ) -> BlobCopy:
-    """Make `blob` present in `repository` on the secondary: skip, mount, or stream it across."""
-    if await secondary.blob_size(repository, blob.digest) is not None:
+    """Make `blob` present in `repository` on the secondary: skip, mount, or stream it across.
+
+    `fresh_repository` says the secondary listed no tag of the repository: then a small blob (one
+    PUT) is sent without a HEAD first, which would almost always answer 404. Should it be there after
+    all, the registry takes the same bytes again and nothing is wrong; a blob this process has put
+    in the repository itself is still asked for, so tags sharing layers do not send them twice."""
+    ask_first = (
+        not fresh_repository
+        or blob.size > secondary.settings.monolithic_max
+        or locations.holder(secondary.url, blob.digest) == repository
+    )
+    if ask_first and await secondary.blob_size(repository, blob.digest) is not None:
         locations.remember(secondary.url, blob.digest, repository)
         return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
-    await locations.wait_for_copies(secondary.url, blob.digest)
+    # Another image (of this repository too: a backfill copies its tags at once) may be sending this
+    # blob: wait for it, then ask again, so that a blob shared by concurrent images travels once.
+    # The loop ends only when no copy was under way, with no await since: this copy is the only one.
+    while await locations.wait_for_copies(secondary.url, blob.digest):
+        if await secondary.blob_size(repository, blob.digest) is not None:
+            locations.remember(secondary.url, blob.digest, repository)
+            return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
     with locations.copying(secondary.url, blob.digest):
         mount_from = locations.find(secondary.url, blob.digest, other_than=repository)
         location = await secondary.start_upload(repository, mount_from=mount_from, digest=blob.digest)
@@ -290,19 +315,23 @@ async def replicate(
     *,
     concurrency: int,
     shared_storage: StorageAdapter | None = None,
+    fresh_repository: bool = False,
 ) -> ImageReplication:
     """The whole procedure for one image in one call, for bulk work (backfill). The replicate-image
     flow runs the same steps as separate Prefect tasks, for their retries and visibility.
 
     With `shared_storage` (the secondary's storage, which the primary shares), nothing is copied:
-    the image is confirmed instead."""
+    the image is confirmed instead. `fresh_repository`: the secondary listed no tag of the repository,
+    so its small blobs are sent without asking first whether it has them (see `copy_blob`)."""
     image = await resolve_image(primary, reference)
     if shared_storage is not None:
         copies = await confirm_shared(secondary, shared_storage, image)
+        confirmed = False
     else:
-        copies = await copy_blobs(primary, secondary, image, concurrency)
-        await put_manifests(secondary, image)
-    await verify_replica(secondary, image)
+        copies = await copy_blobs(primary, secondary, image, concurrency, fresh_repository=fresh_repository)
+        confirmed = await put_manifests(secondary, image)
+    if not confirmed:
+        await verify_replica(secondary, image)
     return ImageReplication(reference, image.digest, len(image.manifests), tuple(copies))
 
 
@@ -310,28 +339,42 @@ async def confirm_shared(secondary: RegistryClient, storage: StorageAdapter, ima
     """Shared storage: what the primary wrote is the secondary's. Confirm it rather than trust it:
     every manifest served by digest, every blob in the storage with its size. Missing is an error."""
     repository = image.reference.repository
-    for manifest in image.manifests:
-        if await secondary.head_manifest(repository, manifest.digest) is None:
+    blobs = image.blobs()
+    # Every check at once: each is a round trip (a storage call in a worker thread, as the adapters'
+    # SDKs block) and nothing about one depends on another.
+    served, sizes = await asyncio.gather(
+        asyncio.gather(*(secondary.head_manifest(repository, manifest.digest) for manifest in image.manifests)),
+        asyncio.gather(*(asyncio.to_thread(storage_blob_size, storage, blob.digest) for blob in blobs)),
+    )
+    for manifest, head in zip(image.manifests, served, strict=True):
+        if head is None:
             raise ReplicationError(
                 f"{secondary.name} does not serve manifest {manifest.digest} of {image.reference} although it "
                 "shares the primary's storage: check that both registries use the same storage block"
             )
-    copies = []
-    for blob in image.blobs():
-        size = await asyncio.to_thread(storage_blob_size, storage, blob.digest)
+    for blob, size in zip(blobs, sizes, strict=True):
         if size != blob.size:
             found = "is missing from" if size is None else f"has {size} bytes, not {blob.size}, in"
             raise ReplicationError(f"blob {blob.digest} of {image.reference} {found} the shared storage")
-        copies.append(BlobCopy(blob.digest, BlobOutcome.SHARED, 0, blob.size))
-    return copies
+    return [BlobCopy(blob.digest, BlobOutcome.SHARED, 0, blob.size) for blob in blobs]
 
 
 async def copy_blobs(
-    primary: RegistryClient, secondary: RegistryClient, image: ResolvedImage, concurrency: int
+    primary: RegistryClient,
+    secondary: RegistryClient,
+    image: ResolvedImage,
+    concurrency: int,
+    *,
+    fresh_repository: bool = False,
 ) -> list[BlobCopy]:
     room = asyncio.Semaphore(concurrency)
     repository = image.reference.repository
-    return await asyncio.gather(*(bounded(room, copy_blob(primary, secondary, repository, b)) for b in image.blobs()))
+    return await asyncio.gather(
+        *(
+            bounded(room, copy_blob(primary, secondary, repository, blob, fresh_repository=fresh_repository))
+            for blob in image.blobs()
+        )
+    )
 
 
 async def bounded(semaphore: asyncio.Semaphore, work: Awaitable[T]) -> T:
@@ -343,12 +386,52 @@ async def bounded(semaphore: asyncio.Semaphore, work: Awaitable[T]) -> T:
 # --- manifests -----------------------------------------------------------------------------------
 
 
-async def put_manifests(secondary: RegistryClient, image: ResolvedImage) -> None:
-    """Children by digest first (an index needs them present), then the top under its tag or digest."""
+# Manifest PUTs in flight, per event loop (locks belong to one): see `put_manifests`.
+_MANIFEST_PUTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, ...], _SharedLock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@dataclass
+class _SharedLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+@contextlib.asynccontextmanager
+async def _one_at_a_time(*key: str) -> AsyncIterator[None]:
+    """Hold the lock named `key` while the block runs; it is forgotten once nobody holds or waits for it."""
+    locks = _MANIFEST_PUTS.setdefault(asyncio.get_running_loop(), {})
+    shared = locks.setdefault(key, _SharedLock())
+    shared.users += 1
+    try:
+        async with shared.lock:
+            yield
+    finally:
+        shared.users -= 1
+        if not shared.users:
+            del locks[key]
+
+
+async def put_manifests(secondary: RegistryClient, image: ResolvedImage) -> bool:
+    """Children by digest first (an index needs them present), then the top under its tag or digest.
+
+    Registry 2.8 on filesystem storage rewrites link and data files in place, and checks a manifest
+    by reading the links of what it references: a manifest PUT that overlaps another PUT into the same
+    repository (a second tag of the image, an index's child) or of the same manifest elsewhere can
+    read a half-written file and fail with DIGEST_INVALID. So PUTs into one repository take turns, and
+    so do PUTs of one digest; blobs still travel all at once.
+
+    Returns whether the secondary's answer to the last PUT named the image's digest: then the
+    reference is known to serve it and a verifying HEAD would only ask the same question again."""
     repository = image.reference.repository
-    for child in image.manifests[:-1]:
-        await secondary.put_manifest(repository, child.digest, child)
-    await secondary.put_manifest(repository, image.reference.reference, image.top)
+    async with _one_at_a_time(secondary.url, repository):
+        for child in image.manifests[:-1]:
+            async with _one_at_a_time(secondary.url, child.digest):
+                await secondary.put_manifest(repository, child.digest, child)
+        async with _one_at_a_time(secondary.url, image.digest):
+            stored = await secondary.put_manifest(repository, image.reference.reference, image.top)
+    return stored == image.digest
 
 
 async def verify_replica(secondary: RegistryClient, image: ResolvedImage) -> None:

@@ -40,6 +40,10 @@ VERIFIED, MISMATCH = "verified", "mismatch"
 REPLICATE, DELETE = "replicate", "delete"
 
 
+# Rows per multi-row INSERT: well under SQLite's 32,766 and PostgreSQL's 65,535 bound parameters.
+_ROWS_PER_STATEMENT = 500
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -344,18 +348,34 @@ class StateStore:
 
     async def set_repository_state(self, secondary: str, repository: str, **values: object) -> None:
         """Create or update the row of (secondary, repository) with `values`."""
+        await self.set_repository_states(secondary, [repository], **values)
+
+    async def set_repository_states(self, secondary: str, repositories: Sequence[str], **values: object) -> None:
+        """Create or update the rows of many repositories of `secondary` with the same `values`, a few
+        hundred rows per statement in one transaction: a backfill records its repositories in bulk."""
         now = time.time()
-        insert = self._insert(RepositoryState).values(
-            secondary=secondary, repository=repository, updated_at=now, **{"state": PENDING, "retry_count": 0, **values}
-        )
-        await self._execute(
-            insert.on_conflict_do_update(index_elements=["secondary", "repository"], set_={"updated_at": now, **values})
-        )
+        async with self.transaction() as session:
+            for start in range(0, len(repositories), _ROWS_PER_STATEMENT):
+                rows = [
+                    {"secondary": secondary, "repository": repository, "updated_at": now, "state": PENDING}
+                    | {"retry_count": 0, **values}
+                    for repository in repositories[start : start + _ROWS_PER_STATEMENT]
+                ]
+                await session.execute(
+                    self._insert(RepositoryState)
+                    .values(rows)
+                    .on_conflict_do_update(
+                        index_elements=["secondary", "repository"], set_={"updated_at": now, **values}
+                    )
+                )
 
     async def repository_synced(self, secondary: str, repository: str) -> None:
-        await self.set_repository_state(
+        await self.repositories_synced(secondary, [repository])
+
+    async def repositories_synced(self, secondary: str, repositories: Sequence[str]) -> None:
+        await self.set_repository_states(
             secondary,
-            repository,
+            repositories,
             state=SYNCED,
             retry_count=0,
             retry_at=None,

@@ -205,3 +205,55 @@ async def test_deletion_leaves_what_the_primary_still_has(registry_pair, clients
     assert (removed.outcome, again.outcome) == (DeletionOutcome.REMOVED, DeletionOutcome.ABSENT)
     with Pusher(registry_pair.secondary.url) as check:
         assert check.head_manifest(repo_name, "v1") is None
+
+
+async def test_concurrent_tags_of_a_new_repository_send_a_shared_blob_once(
+    registry_pair, clients, secondary_proxy, repo_name
+):
+    """A backfill copies a repository's tags at once, without HEADs first: the layers every tag shares
+    (and an image tagged twice) must still travel once, and every tag must arrive whole."""
+    from georeg.backfill import sync_repository
+
+    base = random_blob(2048)
+    images = {f"v{number}": build_image("oci", layers=[base, random_blob(1024)]) for number in range(6)}
+    images["latest"] = images["v5"]  # one image under two tags: every blob of it shared
+    for tag, image in images.items():
+        push(registry_pair, repo_name, image, tag)
+    primary, secondary = clients
+
+    result = await sync_repository(primary, secondary, repo_name, SETTINGS.model_copy(update={"concurrency": 8}))
+
+    assert result.ok and sorted(result.copied) == sorted(images)
+    committed = [
+        r for r in secondary_proxy.requests if r.method == "PUT" and "/blobs/uploads/" in r.path and r.status == 201
+    ]
+    distinct = {blob.digest for image in images.values() for blob in image.blobs}
+    assert len(committed) == len(distinct)  # the base once, each config and own layer once
+    # The manifest PUT's answer named the digest: no verifying HEAD, and no HEAD for a new repository's tags.
+    assert not [r for r in secondary_proxy.requests if r.method == "HEAD" and "/manifests/" in r.path]
+    with Pusher(registry_pair.secondary.url) as check:
+        assert {tag: check.head_manifest(repo_name, tag) for tag in images} == {
+            tag: image.digest for tag, image in images.items()
+        }
+
+
+async def test_one_blob_copied_into_many_repositories_at_once_travels_once(
+    registry_pair, clients, secondary_proxy, repo_name
+):
+    """The others wait for the one copy, then mount it, one at a time: never two uploads at once."""
+    import asyncio
+
+    image = build_image("oci", layer_sizes=[4096])
+    repositories = [f"{repo_name}-{number}" for number in range(5)]
+    for repository in repositories:
+        push(registry_pair, repository, image, "v1")
+    primary, secondary = clients
+    locations = BlobLocations()
+    layer = Descriptor(digest=image.blobs[1].digest, size=image.blobs[1].size, media_type=image.blobs[1].media_type)
+
+    copies = await asyncio.gather(
+        *(copy_blob(primary, secondary, repository, layer, locations) for repository in repositories)
+    )
+
+    assert sorted(copy.outcome.value for copy in copies) == ["copied"] + ["mounted"] * 4
+    assert len([r for r in secondary_proxy.requests if r.method == "PUT" and "/blobs/uploads/" in r.path]) == 1

@@ -10,7 +10,18 @@ from pathlib import Path
 import pytest
 
 from georeg.errors import ConfigError
-from georeg.state import DELETE, FAILED, PENDING, REPLICATE, AcceptedEvent, StateStore, WorkItem, database_url
+from georeg.state import (
+    DELETE,
+    FAILED,
+    PENDING,
+    REPLICATE,
+    STARTED,
+    SYNCED,
+    AcceptedEvent,
+    StateStore,
+    WorkItem,
+    database_url,
+)
 
 
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -92,6 +103,23 @@ async def test_failures_back_off_grow_and_park_after_max_attempts(store):
     assert await store.claim_due(1) == []  # parked: visible, not retried until a new event
     await store.record_events([push("y")], ["east"])
     assert len(await store.claim_due(1)) == 1  # a new event revives it
+
+
+async def test_repository_states_are_written_in_bulk(store):
+    """A backfill marks its repositories started in one go and records successes in batches, more rows
+    than one statement takes; a failure recorded before still counts and a success clears it."""
+    names = [f"group/app{number:04d}" for number in range(1234)]
+    await store.repository_failed("east", names[0], "boom", base=1, cap=10)
+    await store.set_repository_states("east", names, state=STARTED)
+    assert {row.state for row in (await store.repository_states("east")).values()} == {STARTED}
+
+    await store.repositories_synced("east", names[:1000])
+
+    states = await store.repository_states("east")
+    assert len(states) == 1234 and states[names[-1]].state == STARTED
+    assert states[names[0]].state == SYNCED and states[names[0]].retry_count == 0
+    assert states[names[0]].last_failure is None and states[names[999]].last_synced_at is not None
+    assert not await store.repository_states("west")
 
 
 async def test_running_rows_are_listed_for_recovery_and_can_be_released(store):

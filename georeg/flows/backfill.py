@@ -20,7 +20,7 @@ from prefect import flow
 from prefect.artifacts import acreate_table_artifact
 
 from georeg.backfill import RepositorySync, RepositorySyncFailed
-from georeg.config import BackfillConfig, GeoregConfig, load_config
+from georeg.config import BackfillConfig, GeoregConfig, ReplicationConfig, load_config
 from georeg.errors import GeoregError, ReplicationError
 from georeg.flows.common import for_each_secondary, open_state, run_holder
 from georeg.progress import Progress, artifact_key
@@ -153,14 +153,23 @@ async def _sync_repositories(
     mode = decide_mode(config, config.select_secondaries(target.name)[0])
     progress = Progress(artifact_key("backfill", target.name), f"Backfill of {target.name}", len(repositories))
     await progress.start()
+    recorder = None if dry_run else _StateRecorder(store, target.name, config.replication)
+    if not dry_run:
+        await store.set_repository_states(target.name, repositories, state=STARTED)
 
     async def sync(repository: str) -> RepositorySync:
-        result = await _sync_one(config, store, primary, target, repository, dry_run, mode.storage)
+        result = await _sync_one(config, primary, target, repository, dry_run, mode.storage)
+        if recorder is not None:
+            await recorder.record(result)
         await progress.advance()
         return result
 
     room = asyncio.Semaphore(config.replication.concurrency)
-    results = await asyncio.gather(*(bounded(room, sync(name)) for name in repositories))
+    try:
+        results = await asyncio.gather(*(bounded(room, sync(name)) for name in repositories))
+    finally:
+        if recorder is not None:
+            await asyncio.shield(recorder.flush())  # what was learned is kept, even when cancelled
     await acreate_table_artifact(
         table=[result.as_row() for result in results],
         key=artifact_key("backfill", target.name, "report"),
@@ -278,7 +287,6 @@ async def _batch_outcome(store: StateStore, flow_run_id: UUID, settings: Backfil
 
 async def _sync_one(
     config: GeoregConfig,
-    store: StateStore,
     primary: RegistryClient,
     target: RegistryClient,
     repository: str,
@@ -286,29 +294,47 @@ async def _sync_one(
     shared_storage: StorageAdapter | None,
 ) -> RepositorySync:
     settings = config.replication
-    if not dry_run:
-        await store.set_repository_state(target.name, repository, state=STARTED)
     try:
-        result = await with_retry_settings(sync_repository_task, settings)(
+        return await with_retry_settings(sync_repository_task, settings)(
             primary, target, repository, settings, dry_run, shared_storage
         )
     except RepositorySyncFailed as failure:
-        result = failure.result
+        return failure.result
     except GeoregError as error:  # the repository could not even be listed
-        result = RepositorySync(repository, failed={"*": str(error)})
-    if dry_run:
-        return result
-    if result.ok:
-        await store.repository_synced(target.name, repository)
-    else:
-        await store.repository_failed(
-            target.name,
-            repository,
-            result.failure_summary(),
-            base=settings.retry_backoff_base_seconds,
-            cap=settings.retry_backoff_cap_seconds,
-        )
-    return result
+        return RepositorySync(repository, failed={"*": str(error)})
+
+
+class _StateRecorder:
+    """Records each repository's outcome: a failure at once (it counts a retry and schedules the next
+    attempt), successes a second's worth at a time in one statement, as a no-op backfill finishes
+    hundreds of repositories a second and one transaction each would cost more than their HEADs."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, store: StateStore, secondary: str, settings: ReplicationConfig) -> None:
+        self._store, self._secondary, self._settings = store, secondary, settings
+        self._synced: list[str] = []
+        self._flushed_at = time.monotonic()
+
+    async def record(self, result: RepositorySync) -> None:
+        if not result.ok:
+            await self._store.repository_failed(
+                self._secondary,
+                result.repository,
+                result.failure_summary(),
+                base=self._settings.retry_backoff_base_seconds,
+                cap=self._settings.retry_backoff_cap_seconds,
+            )
+            return
+        self._synced.append(result.repository)
+        if time.monotonic() - self._flushed_at >= self.INTERVAL_S:
+            await self.flush()
+
+    async def flush(self) -> None:
+        self._flushed_at = time.monotonic()
+        batch, self._synced = self._synced, []
+        if batch:
+            await self._store.repositories_synced(self._secondary, batch)
 
 
 def _due(state: RepositoryState | None) -> bool:

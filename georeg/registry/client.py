@@ -17,7 +17,7 @@ import re
 import ssl
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -80,15 +80,23 @@ class RegistryClient:
         self.url = config.url
         self.settings = settings
         self.stats = ClientStats()
+        connections = settings.concurrency * 2 + 4
+        # Requests in flight, at most one per connection: waiting here costs nothing, while a request
+        # queued in httpcore's pool is compared with every connection each time any request starts or
+        # ends, and with dozens of blob copies waiting that cost more CPU than the requests themselves.
+        self._slots = asyncio.Semaphore(connections)
+        verify = _tls_verification(config)
+        if transport is None and verify is not False:
+            verify = httpx.create_ssl_context(verify=verify)  # loaded once, shared by every connection
         self._http = httpx.AsyncClient(
             base_url=config.url,
             auth=build_auth(config.auth, allowed_actions),
             timeout=httpx.Timeout(settings.request_timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=settings.concurrency * 2 + 4, max_keepalive_connections=16),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             follow_redirects=True,  # blob GETs may redirect to object storage; httpx drops Authorization there
-            verify=_tls_verification(config),
+            verify=verify,
             headers={"User-Agent": "georeg"},
-            transport=transport,
+            transport=transport or _ConnectionPerSlot(verify),
         )
 
     async def __aenter__(self) -> RegistryClient:
@@ -136,8 +144,9 @@ class RegistryClient:
         expected_digest = reference if reference.startswith("sha256:") else ""
         return Manifest(response.content, _media_type(response), expected_digest)
 
-    async def put_manifest(self, repository: str, reference: str, manifest: Manifest) -> str:
-        """PUT the exact bytes under a tag or digest; return the digest the registry computed."""
+    async def put_manifest(self, repository: str, reference: str, manifest: Manifest) -> str | None:
+        """PUT the exact bytes under a tag or digest; return the digest the registry says it stored
+        (always the manifest's: any other is an IntegrityError), or None if it did not say."""
         response = await self._request(
             "PUT",
             f"/v2/{repository}/manifests/{reference}",
@@ -145,8 +154,8 @@ class RegistryClient:
             content=manifest.content,
             headers={"Content-Type": manifest.media_type},
         )
-        stored = response.headers.get("Docker-Content-Digest", manifest.digest)
-        if stored != manifest.digest:
+        stored = response.headers.get("Docker-Content-Digest")
+        if stored is not None and stored != manifest.digest:
             raise IntegrityError(f"{self.name} stored {repository}:{reference} as {stored}, not {manifest.digest}")
         return stored
 
@@ -183,17 +192,18 @@ class RegistryClient:
     async def open_blob(self, repository: str, digest: str, *, offset: int = 0) -> AsyncIterator[httpx.Response]:
         """Stream a blob from `offset` on; the response's body is not read until iterated."""
         headers = {"Range": f"bytes={offset}-"} if offset else None
-        response = await self._request(
-            "GET",
-            f"/v2/{repository}/blobs/{digest}",
-            expected={206} if offset else {200},
-            headers=headers,
-            stream=True,
-        )
-        try:
-            yield response
-        finally:
-            await response.aclose()
+        async with self._slots:  # the connection stays taken until the stream is closed
+            response = await self._request(
+                "GET",
+                f"/v2/{repository}/blobs/{digest}",
+                expected={206} if offset else {200},
+                headers=headers,
+                stream=True,
+            )
+            try:
+                yield response
+            finally:
+                await response.aclose()
 
     async def start_upload(self, repository: str, *, mount_from: str | None = None, digest: str = "") -> str | None:
         """Open an upload session and return its location; with `mount_from`, try a cross-repository
@@ -267,7 +277,11 @@ class RegistryClient:
             await self.limits.before_request()
             self.stats.requests[method] += 1
             try:
-                response = await self._http.send(request, stream=stream)
+                if stream:  # the caller holds a slot for as long as the stream is open
+                    response = await self._http.send(request, stream=True)
+                else:
+                    async with self._slots:
+                        response = await self._http.send(request)
             except httpx.TransportError as error:
                 if _is_certificate_error(error):
                     raise PermanentRegistryError(
@@ -346,6 +360,61 @@ class RegistryClient:
 
 
 _ACCEPT = {"Accept": MANIFEST_ACCEPT}
+
+
+class _ConnectionPerSlot(httpx.AsyncBaseTransport):
+    """Many one-connection transports in place of one pool of many connections.
+
+    Every time a request starts or ends, httpcore's pool checks each of its connections (probing the
+    socket of every idle one) and counts the idle ones once per connection: with the 20 connections a
+    backfill keeps busy, that bookkeeping cost a third of georeg's CPU. A pool of one connection does
+    it for one. A request takes a free transport and gives it back when its response is closed;
+    RegistryClient's slots keep one free in the normal course, and when none is, one more is made."""
+
+    def __init__(self, verify: ssl.SSLContext | bool) -> None:
+        self._verify = verify
+        self._free: list[httpx.AsyncHTTPTransport] = []
+        self._every: list[httpx.AsyncHTTPTransport] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._free:
+            transport = self._free.pop()
+        else:
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            transport = httpx.AsyncHTTPTransport(verify=self._verify, limits=limits)
+            self._every.append(transport)
+        try:
+            response = await transport.handle_async_request(request)
+        except BaseException:
+            self._free.append(transport)
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _ReleasingStream(response.stream, lambda: self._free.append(transport))
+        return response
+
+    async def aclose(self) -> None:
+        for transport in self._every:
+            await transport.aclose()
+
+
+class _ReleasingStream(httpx.AsyncByteStream):
+    """A response body that hands its connection's transport back once closed."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        release, self._release = self._release, None
+        try:
+            await self._stream.aclose()
+        finally:
+            if release is not None:
+                release()
 
 
 def _media_type(response: httpx.Response) -> str:

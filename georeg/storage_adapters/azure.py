@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from georeg.errors import ConfigError
-from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure
+from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
 from georeg.storage_adapters.params import (
     DriverParameters,
     location_root,
@@ -70,6 +70,10 @@ class AzureAdapter:
         return StorageLocation("azure", self.endpoint, self.container, location_root(self.root))
 
     def client(self) -> Any:
+        with CLIENT_LOCK:  # made once, though the first calls may come from several threads at once
+            return self._make_client()
+
+    def _make_client(self) -> Any:
         """The container client, made on first use."""
         if self._client is None:
             from azure.storage.blob import BlobServiceClient

@@ -7,6 +7,7 @@ built only from validated repository names and digests.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,6 +15,10 @@ from georeg.errors import GeoregError
 from georeg.references import validate_digest, validate_repository, validate_tag
 
 REGISTRY_PREFIX = "docker/registry/v2"
+
+# Guards the lazy creation of an SDK client: shared-storage checks run in several threads at once,
+# and each would otherwise build a client of its own (boto3 loads its service model each time).
+CLIENT_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from georeg.errors import ConfigError
-from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure
+from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
 from georeg.storage_adapters.params import (
     DriverParameters,
     location_root,
@@ -52,6 +52,10 @@ class GcsAdapter:
         return StorageLocation("gcs", self.endpoint, self.bucket, location_root(self.root))
 
     def client(self) -> Any:
+        with CLIENT_LOCK:  # made once, though the first calls may come from several threads at once
+            return self._make_client()
+
+    def _make_client(self) -> Any:
         if self._client is None:
             from google.auth.credentials import AnonymousCredentials
             from google.cloud import storage

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure
+from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
 from georeg.storage_adapters.params import (
     DriverParameters,
     location_root,
@@ -63,6 +63,10 @@ class OssAdapter:
         return StorageLocation("oss", self.endpoint, self.bucket, location_root(self.root))
 
     def client(self) -> Any:
+        with CLIENT_LOCK:  # made once, though the first calls may come from several threads at once
+            return self._make_client()
+
+    def _make_client(self) -> Any:
         if self._bucket is None:
             import oss2
 

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from georeg.errors import ConfigError
-from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure
+from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
 from georeg.storage_adapters.params import (
     DriverParameters,
     location_root,
@@ -107,6 +107,10 @@ class S3Adapter:
         return StorageLocation("s3", self.endpoint, self.bucket, location_root(self.root))
 
     def client(self) -> Any:
+        with CLIENT_LOCK:  # made once, though the first calls may come from several threads at once
+            return self._make_client()
+
+    def _make_client(self) -> Any:
         """The boto3 client, made on first use (without keys, boto3's usual credential chain applies)."""
         if self._client is None:
             import boto3
