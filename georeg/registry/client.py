@@ -274,13 +274,16 @@ class RegistryClient:
         attempts = self.settings.request_attempts if replayable else 1
         for attempt in range(1, attempts + 1):
             request = self._http.build_request(method, url, content=content, headers=headers, params=params)
-            await self.limits.before_request()
             self.stats.requests[method] += 1
             try:
                 if stream:  # the caller holds a slot for as long as the stream is open
+                    await self.limits.before_request()
                     response = await self._http.send(request, stream=True)
                 else:
                     async with self._slots:
+                        # Pauses and rate limits are checked once a connection is ours: the wait for one
+                        # may outlast the start of a pause that another worker was told about.
+                        await self.limits.before_request()
                         response = await self._http.send(request)
             except httpx.TransportError as error:
                 if _is_certificate_error(error):
