@@ -48,10 +48,10 @@ from benchmarks.common import (
     machine,
     megabytes,
     quiet_tls_probes,
+    run_and_report,
     run_processes,
     uploads,
     write_georeg_config,
-    write_results,
 )
 from benchmarks.replicate import BIN, MIB, SKOPEO, prefect_env
 from tests.support.images import DOCKER_LAYER, Blob, Pusher, build_image
@@ -490,16 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for tool in (SKOPEO, BIN / "georeg"):
         if not tool.is_file():
             raise SystemExit(f"{tool} is missing")
-    try:
-        results = benchmark(arguments, scenarios)
-    except BenchmarkError as error:
-        print(f"benchmark failed: {error}", file=sys.stderr)
-        return 1
-    path = write_results("backfill", results)
-    print()
-    print(format_table(results))
-    print(f"\nwritten to {path}")
-    return 0
+    return run_and_report("backfill", lambda: benchmark(arguments, scenarios), format_table)
 
 
 if __name__ == "__main__":

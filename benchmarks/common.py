@@ -11,8 +11,9 @@ import re
 import resource
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,22 @@ def machine() -> dict[str, Any]:
         "skopeo": tool_version([str(SKOPEO), "--version"]),
         "registry": tool_version(["/usr/bin/docker-registry", "--version"]),
     }
+
+
+def run_and_report(
+    name: str, measure: Callable[[], dict[str, Any]], format_table: Callable[[dict[str, Any]], str]
+) -> int:
+    """Run a benchmark, print its table and write its figures to results/<name>.json; the exit status."""
+    try:
+        results = measure()
+    except (BenchmarkError, AssertionError) as error:  # AssertionError: a test-support process did not start
+        print(f"benchmark failed: {error}", file=sys.stderr)
+        return 1
+    path = write_results(name, results)
+    print()
+    print(format_table(results))
+    print(f"\nwritten to {path}")
+    return 0
 
 
 def write_results(name: str, results: dict[str, Any]) -> Path:

@@ -43,10 +43,10 @@ from benchmarks.common import (
     listing,
     machine,
     megabytes,
+    run_and_report,
     run_processes,
     uploads,
     write_georeg_config,
-    write_results,
 )
 from benchmarks.replicate import BIN, MB, MIB, prefect_env
 from tests.support.emulators import BUCKET, MotoServer
@@ -296,16 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--images and --total-mib must be at least 1")
     if not (BIN / "moto_server").is_file():
         raise SystemExit(f"{BIN / 'moto_server'} is missing: install the test extras (./scripts/setup)")
-    try:
-        results = benchmark(arguments)
-    except BenchmarkError as error:
-        print(f"benchmark failed: {error}", file=sys.stderr)
-        return 1
-    path = write_results("storage", results)
-    print()
-    print(format_table(results))
-    print(f"\nwritten to {path}")
-    return 0
+    return run_and_report("storage", lambda: benchmark(arguments), format_table)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ from benchmarks.common import (
     listing,
     machine,
     quiet_tls_probes,
+    run_and_report,
     run_processes,
-    write_results,
 )
 from benchmarks.replicate import BIN, SKOPEO
 from tests.support.images import Pusher, build_image
@@ -246,17 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not tool.is_file():
             raise SystemExit(f"{tool} is missing")
     quiet_tls_probes()
-    with tempfile.TemporaryDirectory(prefix="georeg-bench-") as scratch:
-        try:
-            results = measure(arguments, Path(scratch))
-        except (BenchmarkError, AssertionError) as error:
-            print(f"benchmark failed: {error}", file=sys.stderr)
-            return 1
-    path = write_results("workers", results)
-    print()
-    print(format_table(results))
-    print(f"\nwritten to {path}")
-    return 0
+
+    def run() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="georeg-bench-") as scratch:
+            return measure(arguments, Path(scratch))
+
+    return run_and_report("workers", run, format_table)
 
 
 if __name__ == "__main__":
