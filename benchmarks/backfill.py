@@ -39,6 +39,7 @@ import httpx
 import yaml
 
 from benchmarks.common import (
+    PREFECT_DATABASES,
     BenchmarkError,
     RepositoryListing,
     check_listing,
@@ -50,6 +51,7 @@ from benchmarks.common import (
     quiet_tls_probes,
     run_and_report,
     run_processes,
+    start_prefect_server,
     uploads,
     write_georeg_config,
 )
@@ -57,7 +59,7 @@ from benchmarks.replicate import BIN, MIB, SKOPEO, prefect_env
 from tests.support.images import DOCKER_LAYER, Blob, Pusher, build_image
 from tests.support.proxy import FaultProxy
 from tests.support.registry import RegistryProcess
-from tests.support.services import PrefectServer, clean_environment
+from tests.support.services import clean_environment
 
 SCENARIOS = ("a", "b", "c")
 NAMESPACE = "bench"  # every repository is bench/<name>; skopeo's destination prefix is <secondary>/bench
@@ -377,7 +379,8 @@ def target_notes(results: dict[str, Any]) -> list[str]:
 
 def measure(arguments: argparse.Namespace, scenarios: list[str], workdir: Path) -> dict[str, Any]:
     starting = time.monotonic()
-    with PrefectServer(workdir / "prefect-server") as server:
+    with contextlib.ExitStack() as stack:
+        server = start_prefect_server(stack, workdir / "prefect-server", arguments.prefect_database)
         startup_s = time.monotonic() - starting
         print(f"prefect server healthy after {startup_s:.1f} s at {server.api_url}", flush=True)
         bench = Bench(workdir, server.api_url)
@@ -474,6 +477,12 @@ def _scenarios(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.backfill", description=__doc__.split("\n")[0])
     parser.add_argument("--scenario", type=_scenarios, default=list(SCENARIOS), help="a,b,c (c implies a)")
+    parser.add_argument(
+        "--prefect-database",
+        choices=PREFECT_DATABASES,
+        default="postgres",
+        help="what the Prefect server stores its runs in (default postgres, as in production)",
+    )
     parser.add_argument("--repositories", type=int, default=50, help="(a) repositories (default 50)")
     parser.add_argument("--tags", type=int, default=10, help="(a) tags per repository (default 10)")
     parser.add_argument("--shared-repositories", type=int, default=40, help="(b) repositories (default 40)")

@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ import yaml
 
 from benchmarks.replicate import BIN, MB, SKOPEO
 from tests.support.images import Pusher
+from tests.support.postgres import PostgresServer
 from tests.support.proxy import FaultProxy
-from tests.support.services import BackgroundProcess
+from tests.support.services import BackgroundProcess, PrefectServer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COMMAND_TIMEOUT_S = 1800.0
@@ -197,6 +200,24 @@ def write_georeg_config(path: Path, primary: dict[str, Any], secondary: dict[str
 
 def georeg_command(config: Path, *arguments: str) -> list[str]:
     return [str(BIN / "georeg"), "--config", str(config), *arguments]
+
+
+# --- Prefect ---------------------------------------------------------------------------------------
+
+PREFECT_DATABASES = ("postgres", "sqlite")
+
+
+def start_prefect_server(stack: ExitStack, home: Path, database: str) -> PrefectServer:
+    """A Prefect server on SQLite, or on a PostgreSQL server of its own as in production (docs/scaling.md).
+
+    On SQLite, a write that meets another (the server recording the previous run's task runs) is
+    answered 503, and Prefect's client waits 2 s or more before it tries again."""
+    if database == "sqlite":
+        return stack.enter_context(PrefectServer(home))
+    postgres = stack.enter_context(PostgresServer())
+    name = f"prefect_{uuid.uuid4().hex[:8]}"
+    postgres.create_database(name)
+    return stack.enter_context(PrefectServer(home, database_url=postgres.url(name, "asyncpg")))
 
 
 # --- results -------------------------------------------------------------------------------------

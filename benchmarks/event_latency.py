@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 import yaml
 
+from benchmarks.common import PREFECT_DATABASES, start_prefect_server
 from georeg.config import DispatchConfig
 from tests.support.images import Pusher, build_image
 from tests.support.registry import RegistryProcess, free_port
@@ -44,7 +45,6 @@ from tests.support.services import (
     REPOSITORY_ROOT,
     BackgroundProcess,
     GeoregServe,
-    PrefectServer,
     PrefectWorker,
     clean_environment,
     deploy_georeg,
@@ -137,14 +137,14 @@ def start_worker(stack: contextlib.ExitStack, root: Path, env: dict[str, str], a
 
 
 @contextlib.contextmanager
-def running_site(mode: str, root: Path) -> Iterator[Site]:
+def running_site(mode: str, root: Path, prefect_database: str) -> Iterator[Site]:
     """Every process of one site, stopped in reverse order when the block ends."""
     receiver_port = free_port()
     endpoint = notification_endpoint(f"http://127.0.0.1:{receiver_port}")
     with contextlib.ExitStack() as stack:
         primary = stack.enter_context(RegistryProcess(root / "primary", notifications=[endpoint]))
         secondary = stack.enter_context(RegistryProcess(root / "secondary"))
-        server = stack.enter_context(PrefectServer(root / "prefect-server"))
+        server = start_prefect_server(stack, root / "prefect-server", prefect_database)
         config = write_georeg_config(root, primary.url, secondary.url, mode)
         env = clean_environment(
             PREFECT_API_URL=server.api_url,
@@ -186,10 +186,10 @@ def push_and_wait(site: Site, pusher: Pusher, secondary: Pusher, tag: str) -> Pu
     return Push(tag, time.monotonic() - pushed, pushed_at, time.time())
 
 
-def measure_mode(mode: str, images: int, root: Path) -> dict[str, Any]:
+def measure_mode(mode: str, images: int, root: Path, prefect_database: str) -> dict[str, Any]:
     print(f"{mode}: starting the site", flush=True)
     with (
-        running_site(mode, root) as site,
+        running_site(mode, root, prefect_database) as site,
         Pusher(site.primary.url) as pusher,
         Pusher(site.secondary.url) as secondary,
     ):
@@ -302,12 +302,12 @@ def settings(modes: list[str]) -> dict[str, Any]:
     return used
 
 
-def benchmark(images: int, modes: list[str]) -> dict[str, Any]:
+def benchmark(images: int, modes: list[str], prefect_database: str) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix=f"georeg-latency-{mode}-") as scratch:
             try:
-                results[mode] = measure_mode(mode, images, Path(scratch))
+                results[mode] = measure_mode(mode, images, Path(scratch), prefect_database)
             except (BenchmarkError, AssertionError) as error:  # AssertionError: a service did not start
                 print(f"{mode} failed: {error}", file=sys.stderr, flush=True)
                 results[mode] = {"error": str(error)}
@@ -315,7 +315,7 @@ def benchmark(images: int, modes: list[str]) -> dict[str, Any]:
         "benchmark": "event_latency",
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "parameters": {"images": images, "modes": modes},
+        "parameters": {"images": images, "modes": modes, "prefect_database": prefect_database},
         "settings": settings(modes),
         "modes": results,
     }
@@ -352,7 +352,8 @@ def format_table(results: dict[str, Any]) -> str:
             )
     used = results["settings"]
     lines.append(
-        f"dispatch: poll_seconds {used['dispatch']['poll_seconds']}, concurrency {used['dispatch']['concurrency']}"
+        f"dispatch: poll_seconds {used['dispatch']['poll_seconds']}, concurrency {used['dispatch']['concurrency']}; "
+        f"Prefect server on {results['parameters']['prefect_database']}"
     )
     if "worker" in used:
         worker = used["worker"]
@@ -365,6 +366,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.event_latency", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=50, help="images pushed per mode (default 50)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated dispatch modes (default: both)")
+    parser.add_argument(
+        "--prefect-database",
+        choices=PREFECT_DATABASES,
+        default="postgres",
+        help="what the Prefect server stores its runs in (default postgres, as in production)",
+    )
     return parser
 
 
@@ -373,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [mode.strip() for mode in arguments.modes.split(",") if mode.strip()]
     if arguments.images < 1 or not modes or set(modes) - set(MODES):
         raise SystemExit(f"--images must be at least 1 and --modes a list of {', '.join(MODES)}")
-    results = benchmark(arguments.images, modes)
+    results = benchmark(arguments.images, modes, arguments.prefect_database)
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     print()

@@ -117,14 +117,18 @@ async def sync_repository(
     # A repository the secondary lists no tag of gets every tag copied whatever its digest: the
     # primary's HEADs would decide nothing, and no blob HEAD is needed for its small blobs either.
     fresh = not secondary_tags
-    wanted, present = await asyncio.gather(
-        head_digests(primary, repository, [] if fresh else wanted_tags),
-        head_digests(secondary, repository, [tag for tag in secondary_tags if settings.tags.wants(tag)]),
-    )
+    listed_on_secondary = [tag for tag in secondary_tags if settings.tags.wants(tag)]
+    if shared_storage:
+        # Both sides list the same tags by construction: every tag is confirmed, not compared, because
+        # what makes it synced is that its manifests and blobs really are there. HEADs would decide nothing.
+        wanted, present = dict.fromkeys(wanted_tags, ""), dict.fromkeys(listed_on_secondary, "")
+    else:
+        wanted, present = await asyncio.gather(
+            head_digests(primary, repository, [] if fresh else wanted_tags),
+            head_digests(secondary, repository, listed_on_secondary),
+        )
     if fresh:
         wanted = dict.fromkeys(wanted_tags, "")
-    # On shared storage both sides list the same tags by construction: every tag is confirmed instead,
-    # because what makes it synced is that its manifests and blobs really are there.
     to_copy = sorted(tag for tag, digest in wanted.items() if shared_storage or present.get(tag) != digest)
     to_remove = sorted(set(present) - set(wanted)) if settings.delete_extra_tags else []
     result.unchanged = len(wanted) - len(to_copy)

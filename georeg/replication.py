@@ -325,13 +325,20 @@ async def replicate(
     so its small blobs are sent without asking first whether it has them (see `copy_blob`)."""
     image = await resolve_image(primary, reference)
     if shared_storage is not None:
-        copies = await confirm_shared(secondary, shared_storage, image)
-        confirmed = False
+        # Nothing is written, so what the secondary serves under the tag can be asked at the same time;
+        # a blob missing from the storage is the error to report when both checks fail.
+        confirmed, served = await asyncio.gather(
+            confirm_shared(secondary, shared_storage, image), verify_replica(secondary, image), return_exceptions=True
+        )
+        if isinstance(confirmed, BaseException):
+            raise confirmed
+        if isinstance(served, BaseException):
+            raise served
+        copies = confirmed
     else:
         copies = await copy_blobs(primary, secondary, image, concurrency, fresh_repository=fresh_repository)
-        confirmed = await put_manifests(secondary, image)
-    if not confirmed:
-        await verify_replica(secondary, image)
+        if not await put_manifests(secondary, image):
+            await verify_replica(secondary, image)
     return ImageReplication(reference, image.digest, len(image.manifests), tuple(copies))
 
 

@@ -8,6 +8,7 @@ Run anywhere else (the CLI, the embedded default) it does the same work in its o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -151,6 +152,9 @@ async def _sync_repositories(
 ) -> dict[str, Any]:
     """Sync `repositories` concurrently, record each one's state, publish progress and a table."""
     mode = decide_mode(config, config.select_secondaries(target.name)[0])
+    # The storage SDK's import and client cost about half a second: made while the first repositories
+    # are listed, not when their first blob is checked.
+    connecting = asyncio.create_task(_connect_ahead(mode.storage)) if mode.storage else None
     progress = Progress(artifact_key("backfill", target.name), f"Backfill of {target.name}", len(repositories))
     await progress.start()
     recorder = None if dry_run else _StateRecorder(store, target.name, config.replication)
@@ -170,6 +174,8 @@ async def _sync_repositories(
     finally:
         if recorder is not None:
             await asyncio.shield(recorder.flush())  # what was learned is kept, even when cancelled
+    if connecting is not None:
+        await connecting
     await acreate_table_artifact(
         table=[result.as_row() for result in results],
         key=artifact_key("backfill", target.name, "report"),
@@ -191,6 +197,12 @@ async def _sync_repositories(
         "bytes_copied": sum(r.bytes_copied for r in results),
         "bytes_skipped": sum(r.bytes_skipped for r in results),
     }
+
+
+async def _connect_ahead(storage: StorageAdapter) -> None:
+    # A failure here is the same as at the first real check, which reports it where it matters.
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(storage.connect)
 
 
 def _fans_out(config: GeoregConfig, due: int) -> bool:

@@ -69,6 +69,9 @@ class AzureAdapter:
     def location(self) -> StorageLocation:
         return StorageLocation("azure", self.endpoint, self.container, location_root(self.root))
 
+    def connect(self) -> None:
+        self.client()
+
     def client(self) -> Any:
         with CLIENT_LOCK:  # made once, though the first calls may come from several threads at once
             return self._make_client()

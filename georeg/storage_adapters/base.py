@@ -49,6 +49,10 @@ class StorageAdapter(Protocol):
         """Where the data lives, normalised: equal for two configs naming the same storage."""
         ...
 
+    def connect(self) -> None:
+        """Import the SDK and make its client now, so that the first check does not wait for that."""
+        ...
+
     def object_size(self, path: str) -> int | None:
         """Size of the object at `path` (relative to the registry root), or None if it is absent."""
         ...

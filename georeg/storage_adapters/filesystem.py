@@ -25,6 +25,9 @@ class FilesystemAdapter:
         # A local directory is only the same storage on the same host.
         return StorageLocation("filesystem", socket.gethostname(), "", str(self.root.resolve()))
 
+    def connect(self) -> None:
+        pass  # nothing to make
+
     def object_size(self, path: str) -> int | None:
         try:
             return (self.root / path).stat().st_size

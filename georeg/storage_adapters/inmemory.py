@@ -26,6 +26,9 @@ class InMemoryAdapter:
     def location(self) -> StorageLocation:
         return StorageLocation("inmemory", self._identity, "", "/")
 
+    def connect(self) -> None:
+        pass  # nothing to make
+
     def object_size(self, path: str) -> int | None:
         return None
 

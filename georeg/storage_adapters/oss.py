@@ -62,6 +62,9 @@ class OssAdapter:
     def location(self) -> StorageLocation:
         return StorageLocation("oss", self.endpoint, self.bucket, location_root(self.root))
 
+    def connect(self) -> None:
+        self.client()
+
     def client(self) -> Any:
         with CLIENT_LOCK:  # made once, though the first calls may come from several threads at once
             return self._make_client()

@@ -106,6 +106,9 @@ class S3Adapter:
     def location(self) -> StorageLocation:
         return StorageLocation("s3", self.endpoint, self.bucket, location_root(self.root))
 
+    def connect(self) -> None:
+        self.client()
+
     def client(self) -> Any:
         with CLIENT_LOCK:  # made once, though the first calls may come from several threads at once
             return self._make_client()

@@ -100,6 +100,9 @@ class SwiftAdapter:
             self._storage_url = normalise_endpoint(url, "swift storage URL")
         return StorageLocation("swift", self._storage_url, self.container, "/" + swift_key(self.prefix, ""))
 
+    def connect(self) -> None:
+        self.connection()  # this thread's; the import is what the others no longer wait for
+
     def connection(self) -> Any:
         connection = getattr(self._local, "connection", None)
         if connection is None:

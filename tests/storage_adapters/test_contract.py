@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from georeg.errors import ConfigError
@@ -18,6 +20,18 @@ def test_blob_size_is_the_size_written_and_none_when_absent(backend: Backend, ro
     assert blob_size(adapter, image.layer_digest) == 3001
     assert blob_size(adapter, image.manifest_digest) == len(image.manifest)
     assert blob_size(adapter, ABSENT) is None
+
+
+def test_connect_ahead_then_read_from_many_threads(backend: Backend, root: str) -> None:
+    image = write_image(backend, root, "group/app", "v1", layer_size=1500)
+    adapter = backend.build(backend.params(root))
+
+    with ThreadPoolExecutor(max_workers=4) as threads:
+        threads.submit(adapter.connect).result()  # as a backfill warms it up, off the event loop
+        threads.submit(adapter.connect).result()  # a second time changes nothing
+        sizes = list(threads.map(lambda digest: blob_size(adapter, digest), [image.layer_digest, ABSENT] * 4))
+
+    assert sizes == [1500, None] * 4
 
 
 def test_tag_digest_and_manifest_revision(backend: Backend, root: str) -> None:
