@@ -46,6 +46,7 @@ from tests.support.services import (
     BackgroundProcess,
     GeoregServe,
     PrefectWorker,
+    WarmEngine,
     clean_environment,
     deploy_georeg,
     wait_until,
@@ -125,10 +126,13 @@ def worker_registered(api_url: str) -> bool:
     return response.status_code == 200 and bool(response.json())
 
 
-def start_worker(stack: contextlib.ExitStack, root: Path, env: dict[str, str], api_url: str) -> BackgroundProcess:
-    """The work pool, the deployments of prefect.yaml, and one worker polling the pool."""
+def start_worker(
+    stack: contextlib.ExitStack, root: Path, env: dict[str, str], api_url: str, warm: bool
+) -> BackgroundProcess:
+    """The work pool, the deployments of prefect.yaml, and one worker polling the pool (with a warm engine)."""
     deploy_georeg(env)
-    worker = stack.enter_context(PrefectWorker(root / "worker.log", env))
+    engine = stack.enter_context(WarmEngine(root, env)) if warm else None
+    worker = stack.enter_context(PrefectWorker(root / "worker.log", env, warm_engine=engine))
     try:
         wait_until(lambda: worker_registered(api_url), deadline=120, what="the worker to register", interval=0.5)
     except AssertionError as error:
@@ -137,7 +141,7 @@ def start_worker(stack: contextlib.ExitStack, root: Path, env: dict[str, str], a
 
 
 @contextlib.contextmanager
-def running_site(mode: str, root: Path, prefect_database: str) -> Iterator[Site]:
+def running_site(mode: str, root: Path, prefect_database: str, warm: bool) -> Iterator[Site]:
     """Every process of one site, stopped in reverse order when the block ends."""
     receiver_port = free_port()
     endpoint = notification_endpoint(f"http://127.0.0.1:{receiver_port}")
@@ -153,7 +157,7 @@ def running_site(mode: str, root: Path, prefect_database: str) -> Iterator[Site]
             GEOREG_CONFIG=str(config),
             PWD=str(REPOSITORY_ROOT),
         )
-        worker = start_worker(stack, root, env, server.api_url) if mode == "deployment" else None
+        worker = start_worker(stack, root, env, server.api_url, warm) if mode == "deployment" else None
         receiver = stack.enter_context(GeoregServe(config, root / "serve.log", env, port=receiver_port))
         yield Site(primary, secondary, receiver, worker, server.api_url, root / "georeg.db")
 
@@ -186,10 +190,10 @@ def push_and_wait(site: Site, pusher: Pusher, secondary: Pusher, tag: str) -> Pu
     return Push(tag, time.monotonic() - pushed, pushed_at, time.time())
 
 
-def measure_mode(mode: str, images: int, root: Path, prefect_database: str) -> dict[str, Any]:
+def measure_mode(mode: str, images: int, root: Path, prefect_database: str, warm: bool) -> dict[str, Any]:
     print(f"{mode}: starting the site", flush=True)
     with (
-        running_site(mode, root, prefect_database) as site,
+        running_site(mode, root, prefect_database, warm) as site,
         Pusher(site.primary.url) as pusher,
         Pusher(site.secondary.url) as secondary,
     ):
@@ -302,12 +306,12 @@ def settings(modes: list[str]) -> dict[str, Any]:
     return used
 
 
-def benchmark(images: int, modes: list[str], prefect_database: str) -> dict[str, Any]:
+def benchmark(images: int, modes: list[str], prefect_database: str, warm: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix=f"georeg-latency-{mode}-") as scratch:
             try:
-                results[mode] = measure_mode(mode, images, Path(scratch), prefect_database)
+                results[mode] = measure_mode(mode, images, Path(scratch), prefect_database, warm)
             except (BenchmarkError, AssertionError) as error:  # AssertionError: a service did not start
                 print(f"{mode} failed: {error}", file=sys.stderr, flush=True)
                 results[mode] = {"error": str(error)}
@@ -315,7 +319,7 @@ def benchmark(images: int, modes: list[str], prefect_database: str) -> dict[str,
         "benchmark": "event_latency",
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "parameters": {"images": images, "modes": modes, "prefect_database": prefect_database},
+        "parameters": {"images": images, "modes": modes, "prefect_database": prefect_database, "warm_engine": warm},
         "settings": settings(modes),
         "modes": results,
     }
@@ -358,7 +362,8 @@ def format_table(results: dict[str, Any]) -> str:
     if "worker" in used:
         worker = used["worker"]
         env = " ".join(f"{key}={value}" for key, value in worker["env"].items())
-        lines.append(f"worker: `{worker['command']}` ({worker['pool_type']} pool), {env}")
+        warm = "with `georeg warm-engine`" if results["parameters"].get("warm_engine") else "no warm engine"
+        lines.append(f"worker: `{worker['command']}` ({worker['pool_type']} pool, {warm}), {env}")
     return "\n".join(lines)
 
 
@@ -372,6 +377,12 @@ def _parser() -> argparse.ArgumentParser:
         default="postgres",
         help="what the Prefect server stores its runs in (default postgres, as in production)",
     )
+    parser.add_argument(
+        "--warm-engine",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="deployment mode: the worker's flow runs start from `georeg warm-engine` (default: yes)",
+    )
     return parser
 
 
@@ -380,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [mode.strip() for mode in arguments.modes.split(",") if mode.strip()]
     if arguments.images < 1 or not modes or set(modes) - set(MODES):
         raise SystemExit(f"--images must be at least 1 and --modes a list of {', '.join(MODES)}")
-    results = benchmark(arguments.images, modes, arguments.prefect_database)
+    results = benchmark(arguments.images, modes, arguments.prefect_database, arguments.warm_engine)
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     print()

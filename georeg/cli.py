@@ -85,11 +85,36 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
 
+    warm = command(
+        "warm-engine",
+        _warm_engine,
+        "start flow runs of a process work pool from warm imports (set GEOREG_WARM_ENGINE for the worker)",
+    )
+    warm.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
+
     keygen = command("keygen", _keygen, "create the key pair all registries trust (GitLab's gitlab-registry.key)")
     keygen.add_argument("key_file", metavar="KEY_FILE", help="private key to write (PEM, mode 0600)")
     keygen.add_argument("cert_file", metavar="CERT_FILE", help="certificate to write: the registries' rootcertbundle")
     keygen.add_argument("--type", choices=["rsa", "ec"], default="rsa", dest="key_type")
     return parser
+
+
+def _warm_engine(arguments: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from georeg.warm_engine import serve
+
+    # Its own lines only: the flow runs it forks configure Prefect's logging for themselves.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    own = logging.getLogger("georeg.warm_engine")
+    own.addHandler(handler)
+    own.setLevel(logging.INFO)
+    own.propagate = False
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(Path(arguments.socket))
+    return 0
 
 
 def _backfill(arguments: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -56,6 +57,25 @@ class DeployedSite:
                 return [run.state.type.value for run in runs if run.state]
 
         return asyncio.run(read())
+
+    def flow_run_ids(self, name: str) -> list[str]:
+        from prefect.client.orchestration import PrefectClient
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+        async def read() -> list[str]:
+            async with PrefectClient(self.server.api_url) as client:
+                runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+                return [str(run.id) for run in runs]
+
+        return asyncio.run(read())
+
+    def flow_run_logs(self, flow_run_id: str) -> list[str]:
+        """The messages the flow run logged, as the Prefect server stored them."""
+        response = httpx.post(
+            f"{self.server.api_url}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}}, timeout=10
+        )
+        response.raise_for_status()
+        return [entry["message"] for entry in response.json()]
 
 
 @pytest.fixture(scope="module")
@@ -170,15 +190,18 @@ def test_deploy_all_creates_every_deployment_with_its_schedule(site: DeployedSit
 
 
 def test_the_worker_starts_the_engine_directly(site: DeployedSite):
-    """prefect.yaml sets the job's command, so a process worker runs `python -m prefect.engine` itself
-    instead of a workspace supervisor that imports Prefect and then starts the engine (a second import)."""
+    """prefect.yaml sets the job's command, so a process worker runs the engine (through a warm engine
+    when it has one) instead of a workspace supervisor that imports Prefect and then starts the engine
+    (a second import). The event flows are named as modules, which a warm engine has imported."""
     from prefect.client.orchestration import PrefectClient
 
-    async def read() -> dict[str, object]:
+    async def read() -> dict[str, dict[str, Any]]:
         async with PrefectClient(site.server.api_url) as client:
-            return {d.name: (d.job_variables or {}).get("command") for d in await client.read_deployments()}
+            return {d.name: d.job_variables or {} for d in await client.read_deployments()}
 
-    commands = asyncio.run(read())
-    assert set(commands) == {"replicate-image", "delete-image", "backfill", "verify", "backfill-batch"}
-    for command in commands.values():
-        assert isinstance(command, str) and command.endswith("/.venv/bin/python -m prefect.engine")
+    variables = asyncio.run(read())
+    assert set(variables) == {"replicate-image", "delete-image", "backfill", "verify", "backfill-batch"}
+    for job in variables.values():
+        assert str(job.get("command")).endswith("/.venv/bin/python -m georeg.warm_engine")
+    assert variables["replicate-image"]["env"]["PREFECT__FLOW_ENTRYPOINT"] == "georeg.flows.replicate:replicate_image"
+    assert variables["delete-image"]["env"]["PREFECT__FLOW_ENTRYPOINT"] == "georeg.flows.delete:delete_image"

@@ -36,9 +36,10 @@ PASSWORD = f"basic-password-{uuid.uuid4().hex}"
 NOTIFICATION_SECRET = f"notification-secret-{uuid.uuid4().hex}"
 COPY_LIMIT = 2
 # A 429 pauses the primary this long; PAUSE_LAG is how late after the look interval a worker may still
-# send (the pause is committed, looked up and a request sent by processes that share two cores).
-PAUSE_SECONDS = 6
-PAUSE_LAG = 1.5
+# send: the pause is committed, looked up and a request sent by a dozen processes on two cores, where
+# a database round trip or a request already past its check can take a second or two.
+PAUSE_SECONDS = 8
+PAUSE_LAG = 3.0
 
 
 @dataclass

@@ -14,6 +14,7 @@ from types import TracebackType
 
 import httpx
 
+from georeg.warm_engine import SOCKET_ENV
 from tests.support.registry import free_port
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -203,12 +204,42 @@ def deploy_georeg(environment: dict[str, str]) -> None:
     prefect_cli(environment, "deploy", "--all")
 
 
+class WarmEngine(BackgroundProcess):
+    """`georeg warm-engine`: the flow runs of a worker given it start as forks of this process."""
+
+    def __init__(self, root: Path, environment: dict[str, str]) -> None:
+        self.socket_path = root / "warm-engine.sock"
+        command = [sys.executable, "-m", "georeg.cli", "warm-engine", "--socket", str(self.socket_path)]
+        super().__init__(command, root / "warm-engine.log", environment)
+
+    def start(self) -> WarmEngine:
+        ready_before = self.ready_count()
+        super().start()
+        try:
+            wait_until(lambda: self.ready_count() > ready_before, deadline=60, what="the warm engine", interval=0.1)
+        except AssertionError:
+            raise AssertionError(f"georeg warm-engine did not start:\n{self.log_tail()}") from None
+        return self
+
+    def ready_count(self) -> int:
+        """How many warm engines have said they listen, in this log (a restarted one writes there too)."""
+        return self.log_path.read_text().count("warm engine ready at") if self.log_path.exists() else 0
+
+
 class PrefectWorker(BackgroundProcess):
     """A `prefect worker` on the `georeg` pool that asks for work twice a second (the default is every 10 s)."""
 
     SETTINGS = {"PREFECT_WORKER_QUERY_SECONDS": "0.5", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
 
-    def __init__(self, log_path: Path, environment: dict[str, str], *, name: str = "georeg-worker", limit: int = 4):
+    def __init__(
+        self,
+        log_path: Path,
+        environment: dict[str, str],
+        *,
+        name: str = "georeg-worker",
+        limit: int = 4,
+        warm_engine: WarmEngine | None = None,
+    ):
         command = [
             sys.executable,
             "-m",
@@ -222,7 +253,8 @@ class PrefectWorker(BackgroundProcess):
             "--limit",
             str(limit),
         ]
-        super().__init__(command, log_path, {**environment, **self.SETTINGS})
+        warm = {SOCKET_ENV: str(warm_engine.socket_path)} if warm_engine else {}
+        super().__init__(command, log_path, {**environment, **self.SETTINGS, **warm})
 
     def running_flow_runs(self) -> set[str]:
         """The ids of the flow runs this worker's processes run right now."""

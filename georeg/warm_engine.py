@@ -1,0 +1,260 @@
+"""Flow runs that start in a fraction of a second on a process work pool: a warm engine forks them.
+
+A process worker starts every flow run as a new Python process, and importing Prefect and georeg
+costs that process 2 to 3 s before the flow's first request. `georeg warm-engine` is a long-running
+process on the worker's machine that has made those imports once; the job command in
+`prefect.yaml`, `python -m georeg.warm_engine`, hands the flow run to it through a Unix socket and
+the warm engine forks a child that runs `prefect.engine` for it. To the worker and to Prefect nothing
+changes: the job command is the flow run's process, its output and exit code are the run's, and a
+signal sent to it reaches the run.
+
+The job command falls back to `python -m prefect.engine` itself when `GEOREG_WARM_ENGINE` is unset
+or no warm engine answers there, so a worker without one works as before.
+
+The protocol, one connection per flow run: the job command sends one JSON line (its environment,
+working directory and arguments) with its stdin, stdout and stderr attached (SCM_RIGHTS); the warm
+engine answers `{"pid": N}` once the child runs, then `{"exit": CODE}` when it has ended. A job
+command that goes away before that (the worker killed it) has its child sent SIGTERM.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import runpy
+import selectors
+import signal
+import socket
+import stat
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+SOCKET_ENV = "GEOREG_WARM_ENGINE"
+# What a flow-run process would import first; `prefect.engine` loads the flow file itself.
+PRELOAD = ("prefect.engine", "prefect.flow_engine", "georeg.flows.replicate", "georeg.flows.delete")
+_REAP_INTERVAL_S = 0.05
+_MAX_REQUEST_BYTES = 1 << 20
+
+logger = logging.getLogger("georeg.warm_engine")
+
+
+# --- the job command ------------------------------------------------------------------------------
+
+
+def launch(arguments: list[str]) -> int:
+    """Run the flow run in the warm engine if one answers, else become `python -m prefect.engine`."""
+    path = os.environ.get(SOCKET_ENV)
+    connection = _connect(path) if path else None
+    started = _hand_over(connection, arguments) if connection else None
+    if connection is None or started is None:
+        os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *arguments])
+    child = started
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    reply = _read_line(connection)
+    if reply is None:  # the warm engine went away: the run's outcome is unknown here
+        forward(signal.SIGTERM, None)
+        print(f"georeg: the warm engine at {path} stopped during the flow run", file=sys.stderr)
+        return 1
+    return int(reply.get("exit", 1))
+
+
+def _connect(path: str) -> socket.socket | None:
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(path)
+    except OSError:
+        connection.close()
+        return None
+    return connection
+
+
+def _hand_over(connection: socket.socket, arguments: list[str]) -> int | None:
+    """Send the run; the child's pid once it runs, None if the warm engine could not start it."""
+    request = {"env": dict(os.environ), "cwd": os.getcwd(), "args": arguments}
+    try:
+        socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        reply = _read_line(connection)
+    except OSError:
+        reply = None
+    if reply is None or "pid" not in reply:
+        connection.close()
+        return None
+    return int(reply["pid"])
+
+
+def _read_line(connection: socket.socket) -> dict[str, Any] | None:
+    line = b""
+    while not line.endswith(b"\n"):
+        try:
+            chunk = connection.recv(4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        line += chunk
+    return json.loads(line)
+
+
+# --- the warm engine ------------------------------------------------------------------------------
+
+
+def serve(path: Path) -> None:
+    """Accept flow runs on the Unix socket at `path` until interrupted; each runs in a forked child.
+
+    This process never starts a thread or an event loop, so that a fork copies nothing half-done."""
+    for module in PRELOAD:
+        __import__(module)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.stat().st_mode):
+            path.unlink()  # left by a warm engine that was killed
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_mask = os.umask(0o077)  # only this user may hand runs over
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_mask)
+    listener.listen(64)
+    signal.signal(signal.SIGTERM, _stop)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    children: dict[int, socket.socket] = {}
+    logger.info("warm engine ready at %s (pid %d)", path, os.getpid())
+    try:
+        while True:
+            for key, _ in selector.select(timeout=_REAP_INTERVAL_S):
+                if key.fileobj is listener:
+                    _accept(listener, selector, children)
+                else:  # a job command closed its end before its run ended: it was told to stop
+                    _stop_child_of(key.fileobj, selector, children)  # type: ignore[arg-type]
+            _reap(selector, children)
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _stop(_signum: int, _frame: Any) -> None:
+    raise SystemExit(0)  # through serve's cleanup, which removes the socket
+
+
+def _accept(listener: socket.socket, selector: selectors.BaseSelector, children: dict[int, socket.socket]) -> None:
+    connection, _ = listener.accept()
+    try:
+        request, descriptors = _receive(connection)
+    except (OSError, ValueError) as error:
+        logger.warning("refused a flow run: %s", error)
+        connection.close()
+        return
+    pid = os.fork()
+    if pid == 0:
+        listener.close()
+        for other in children.values():
+            other.close()
+        _run_engine(request, descriptors)  # never returns
+    for descriptor in descriptors:
+        os.close(descriptor)
+    logger.info("flow run %s started as pid %d", request["env"].get("PREFECT__FLOW_RUN_ID", "(no id)"), pid)
+    try:
+        connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    except OSError:  # the job command is gone already; so should its run be
+        os.kill(pid, signal.SIGTERM)
+    children[pid] = connection
+    selector.register(connection, selectors.EVENT_READ, pid)
+
+
+def _receive(connection: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    data, descriptors, _flags, _address = socket.recv_fds(connection, 65536, 3)
+    while not data.endswith(b"\n"):
+        if len(data) > _MAX_REQUEST_BYTES:
+            raise ValueError("the request is too large")
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise ValueError("the job command closed the connection mid-request")
+        data += chunk
+    if len(descriptors) != 3:
+        for descriptor in descriptors:
+            os.close(descriptor)
+        raise ValueError(f"expected stdin, stdout and stderr, got {len(descriptors)} descriptors")
+    request = json.loads(data)
+    if not isinstance(request, dict) or not {"env", "cwd", "args"} <= request.keys():
+        raise ValueError("the request lacks env, cwd or args")
+    return request, list(descriptors)
+
+
+def _run_engine(request: dict[str, Any], descriptors: list[int]) -> None:
+    """In the child: become the flow run's process, as `python -m prefect.engine` would be."""
+    code = 1
+    try:
+        for target, descriptor in zip((0, 1, 2), descriptors, strict=True):
+            os.dup2(descriptor, target)
+            os.close(descriptor)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        from prefect.context import refresh_global_settings_context
+        from prefect.logging.configuration import setup_logging
+
+        refresh_global_settings_context()  # the settings of the run's environment, not the warm engine's
+        setup_logging(incremental=False)
+        sys.argv = ["prefect.engine", *request["args"]]
+        runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        # What a normal interpreter exit would do: Prefect sends its last logs and events at exit.
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _stop_child_of(
+    connection: socket.socket, selector: selectors.BaseSelector, children: dict[int, socket.socket]
+) -> None:
+    pid = selector.get_key(connection).data
+    selector.unregister(connection)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def _reap(selector: selectors.BaseSelector, children: dict[int, socket.socket]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        connection = children.pop(pid, None)
+        if connection is None:
+            continue
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(connection)
+        code = os.waitstatus_to_exitcode(status)
+        code = 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
+        with contextlib.suppress(OSError):
+            connection.sendall(json.dumps({"exit": code}).encode() + b"\n")
+        connection.close()
+
+
+if __name__ == "__main__":
+    sys.exit(launch(sys.argv[1:]))

@@ -1,0 +1,127 @@
+"""`georeg warm-engine` and the job command `python -m georeg.warm_engine`: flow runs of a process
+work pool started as forks of a process that has imported Prefect and georeg already."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from georeg.warm_engine import SOCKET_ENV
+from tests.support.images import Pusher, build_image
+from tests.support.registry import RegistryProcess, free_port
+from tests.support.services import (
+    GeoregServe,
+    PrefectServer,
+    PrefectWorker,
+    WarmEngine,
+    clean_environment,
+    deploy_georeg,
+    wait_until,
+)
+from tests.test_deployment_dispatch import DeployedSite
+from tests.test_serve import SECRET, deployments_notifications, write_georeg_config
+
+
+def job_command(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
+    """The job command as a process worker runs it (the flow-run id as an argument here)."""
+    return subprocess.run(
+        [sys.executable, "-m", "georeg.warm_engine", *arguments],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def warm_engine(tmp_path: Path) -> Iterator[WarmEngine]:
+    with WarmEngine(tmp_path, clean_environment()) as engine:
+        yield engine
+
+
+def test_the_run_gets_the_job_commands_output_and_exit_code(warm_engine: WarmEngine):
+    done = job_command({**clean_environment(), SOCKET_ENV: str(warm_engine.socket_path)}, "not-a-flow-run-id")
+
+    assert done.returncode == 1
+    assert "Invalid flow run id" in done.stderr  # written by the forked engine on the job command's stderr
+    assert "flow run (no id) started as pid" in warm_engine.log_path.read_text()
+
+
+def test_without_a_warm_engine_the_job_command_runs_the_engine_itself(tmp_path: Path):
+    missing = tmp_path / "no-warm-engine.sock"
+
+    done = job_command({**clean_environment(), SOCKET_ENV: str(missing)}, "not-a-flow-run-id")
+
+    assert done.returncode == 1
+    assert "Invalid flow run id" in done.stderr
+
+
+def test_a_stale_socket_is_replaced_and_removed_on_stop(tmp_path: Path):
+    with WarmEngine(tmp_path, clean_environment()) as first:
+        first.kill()  # as if it died: its socket file stays behind
+        assert first.socket_path.is_socket()
+        with WarmEngine(tmp_path, clean_environment()) as second:
+            done = job_command({**clean_environment(), SOCKET_ENV: str(second.socket_path)}, "not-a-flow-run-id")
+            assert "Invalid flow run id" in done.stderr
+            assert second.log_path.read_text().count("started as pid") == 1  # the second one forked it
+        assert not second.socket_path.exists()
+
+
+@pytest.fixture(scope="module")
+def warm_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DeployedSite, WarmEngine]]:
+    root = tmp_path_factory.mktemp("warm-site")
+    receiver_port = free_port()
+    notifications = deployments_notifications(f"http://127.0.0.1:{receiver_port}", SECRET)
+    with (
+        RegistryProcess(root / "primary", notifications=notifications) as primary,
+        RegistryProcess(root / "secondary") as secondary,
+        PrefectServer(root / "prefect-home") as server,
+    ):
+        config = write_georeg_config(root / "georeg.yaml", primary.url, secondary.url, mode="deployment")
+        environment = clean_environment(
+            PREFECT_API_URL=server.api_url, PREFECT_HOME=str(root / "prefect-home"), GEOREG_CONFIG=str(config)
+        )
+        deploy_georeg(environment)
+        with (
+            WarmEngine(root, environment) as engine,
+            PrefectWorker(root / "worker.log", environment, warm_engine=engine) as worker,
+            GeoregServe(config, root / "serve.log", environment, port=receiver_port) as receiver,
+        ):
+            yield DeployedSite(primary, secondary, server, worker, receiver), engine
+
+
+def test_a_push_is_replicated_by_a_run_the_warm_engine_forked(
+    warm_site: tuple[DeployedSite, WarmEngine], repo_name: str
+):
+    site, engine = warm_site
+    image = build_image("docker")
+    with Pusher(site.primary.url) as pusher:
+        pusher.push_image(repo_name, image, "warm")
+
+    site.wait_replicated(repo_name, "warm", image.digest)
+    wait_until(
+        lambda: site.flow_runs(f"replicate {repo_name}:warm") == ["COMPLETED"],
+        deadline=30,
+        what="the flow run to be recorded COMPLETED",
+    )
+    [run_id] = site.flow_run_ids(f"replicate {repo_name}:warm")
+    assert f"flow run {run_id} started as pid" in engine.log_path.read_text()
+
+
+def test_the_forked_runs_logs_reach_prefect(warm_site: tuple[DeployedSite, WarmEngine], repo_name: str):
+    site, _ = warm_site
+    image = build_image("oci")
+    with Pusher(site.primary.url) as pusher:
+        pusher.push_image(repo_name, image, "logged")
+    site.wait_replicated(repo_name, "logged", image.digest)
+
+    [run_id] = site.flow_run_ids(f"replicate {repo_name}:logged")
+    wait_until(
+        lambda: any("Finished in state Completed" in line for line in site.flow_run_logs(run_id)),
+        deadline=30,
+        what="the run's final log line in Prefect",
+    )
