@@ -5,8 +5,10 @@ Also: the Prefect server goes away while events arrive, and nothing is lost or r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +21,7 @@ from tests.support.services import (
     GeoregServe,
     PrefectServer,
     PrefectWorker,
+    WarmEngine,
     clean_environment,
     deploy_georeg,
     wait_until,
@@ -33,6 +36,7 @@ class DeployedSite:
     server: PrefectServer
     worker: BackgroundProcess
     receiver: GeoregServe
+    warm_engine: WarmEngine | None = None
 
     def secondary_digest(self, repository: str, reference: str) -> str | None:
         with Pusher(self.secondary.url) as secondary:
@@ -78,15 +82,16 @@ class DeployedSite:
         return [entry["message"] for entry in response.json()]
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedSite]:
-    root = tmp_path_factory.mktemp("deployed-site")
+@contextlib.contextmanager
+def deployed_site(root: Path, *, warm: bool = False) -> Iterator[DeployedSite]:
+    """Registries, a Prefect server with georeg deployed, a worker (with a warm engine if `warm`), `georeg serve`."""
     receiver_port = free_port()
     notifications = deployments_notifications(f"http://127.0.0.1:{receiver_port}", SECRET)
     with (
         RegistryProcess(root / "primary", notifications=notifications) as primary,
         RegistryProcess(root / "secondary") as secondary,
         PrefectServer(root / "prefect-home") as server,
+        contextlib.ExitStack() as stack,
     ):
         config = write_georeg_config(root / "georeg.yaml", primary.url, secondary.url, mode="deployment")
         environment = clean_environment(
@@ -95,9 +100,16 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedSite]:
             GEOREG_CONFIG=str(config),
         )
         deploy_georeg(environment)
-        worker = PrefectWorker(root / "worker.log", environment)
-        with worker, GeoregServe(config, root / "serve.log", environment, port=receiver_port) as receiver:
-            yield DeployedSite(primary, secondary, server, worker, receiver)
+        engine = stack.enter_context(WarmEngine(root, environment)) if warm else None
+        worker = stack.enter_context(PrefectWorker(root / "worker.log", environment, warm_engine=engine))
+        receiver = stack.enter_context(GeoregServe(config, root / "serve.log", environment, port=receiver_port))
+        yield DeployedSite(primary, secondary, server, worker, receiver, engine)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedSite]:
+    with deployed_site(tmp_path_factory.mktemp("deployed-site")) as deployed:
+        yield deployed
 
 
 def test_a_push_runs_the_deployment_on_a_worker(site: DeployedSite, repo_name: str):

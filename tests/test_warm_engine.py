@@ -12,18 +12,12 @@ import pytest
 
 from georeg.warm_engine import SOCKET_ENV
 from tests.support.images import Pusher, build_image
-from tests.support.registry import RegistryProcess, free_port
 from tests.support.services import (
-    GeoregServe,
-    PrefectServer,
-    PrefectWorker,
     WarmEngine,
     clean_environment,
-    deploy_georeg,
     wait_until,
 )
-from tests.test_deployment_dispatch import DeployedSite
-from tests.test_serve import SECRET, deployments_notifications, write_georeg_config
+from tests.test_deployment_dispatch import DeployedSite, deployed_site
 
 
 def job_command(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
@@ -72,32 +66,14 @@ def test_a_stale_socket_is_replaced_and_removed_on_stop(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def warm_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DeployedSite, WarmEngine]]:
-    root = tmp_path_factory.mktemp("warm-site")
-    receiver_port = free_port()
-    notifications = deployments_notifications(f"http://127.0.0.1:{receiver_port}", SECRET)
-    with (
-        RegistryProcess(root / "primary", notifications=notifications) as primary,
-        RegistryProcess(root / "secondary") as secondary,
-        PrefectServer(root / "prefect-home") as server,
-    ):
-        config = write_georeg_config(root / "georeg.yaml", primary.url, secondary.url, mode="deployment")
-        environment = clean_environment(
-            PREFECT_API_URL=server.api_url, PREFECT_HOME=str(root / "prefect-home"), GEOREG_CONFIG=str(config)
-        )
-        deploy_georeg(environment)
-        with (
-            WarmEngine(root, environment) as engine,
-            PrefectWorker(root / "worker.log", environment, warm_engine=engine) as worker,
-            GeoregServe(config, root / "serve.log", environment, port=receiver_port) as receiver,
-        ):
-            yield DeployedSite(primary, secondary, server, worker, receiver), engine
+def warm_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedSite]:
+    with deployed_site(tmp_path_factory.mktemp("warm-site"), warm=True) as site:
+        yield site
 
 
-def test_a_push_is_replicated_by_a_run_the_warm_engine_forked(
-    warm_site: tuple[DeployedSite, WarmEngine], repo_name: str
-):
-    site, engine = warm_site
+def test_a_push_is_replicated_by_a_run_the_warm_engine_forked(warm_site: DeployedSite, repo_name: str):
+    site, engine = warm_site, warm_site.warm_engine
+    assert engine is not None
     image = build_image("docker")
     with Pusher(site.primary.url) as pusher:
         pusher.push_image(repo_name, image, "warm")
@@ -112,8 +88,8 @@ def test_a_push_is_replicated_by_a_run_the_warm_engine_forked(
     assert f"flow run {run_id} started as pid" in engine.log_path.read_text()
 
 
-def test_the_forked_runs_logs_reach_prefect(warm_site: tuple[DeployedSite, WarmEngine], repo_name: str):
-    site, _ = warm_site
+def test_the_forked_runs_logs_reach_prefect(warm_site: DeployedSite, repo_name: str):
+    site = warm_site
     image = build_image("oci")
     with Pusher(site.primary.url) as pusher:
         pusher.push_image(repo_name, image, "logged")
