@@ -31,6 +31,7 @@ import socket
 import stat
 import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,14 @@ def serve(path: Path) -> None:
     This process never starts a thread or an event loop, so that a fork copies nothing half-done."""
     for module in PRELOAD:
         __import__(module)
+    from prefect.logging.configuration import setup_logging
+
+    from georeg.registry.client import default_tls_context
+
+    default_tls_context()  # loading the CA bundle costs each run 0.1 s otherwise
+
+    setup_logging()  # as for this process's environment: a run whose logging settings are the same keeps it
+    own_logging = _logging_settings(os.environ)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.stat().st_mode):
             path.unlink()  # left by a warm engine that was killed
@@ -134,7 +143,7 @@ def serve(path: Path) -> None:
         while True:
             for key, _ in selector.select(timeout=_REAP_INTERVAL_S):
                 if key.fileobj is listener:
-                    _accept(listener, selector, children)
+                    _accept(listener, selector, children, own_logging)
                 else:  # a job command closed its end before its run ended: it was told to stop
                     _stop_child_of(key.fileobj, selector, children)  # type: ignore[arg-type]
             _reap(selector, children)
@@ -148,7 +157,12 @@ def _stop(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)  # through serve's cleanup, which removes the socket
 
 
-def _accept(listener: socket.socket, selector: selectors.BaseSelector, children: dict[int, socket.socket]) -> None:
+def _accept(
+    listener: socket.socket,
+    selector: selectors.BaseSelector,
+    children: dict[int, socket.socket],
+    own_logging: dict[str, str],
+) -> None:
     connection, _ = listener.accept()
     try:
         request, descriptors = _receive(connection)
@@ -161,7 +175,7 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
         listener.close()
         for other in children.values():
             other.close()
-        _run_engine(request, descriptors)  # never returns
+        _run_engine(request, descriptors, own_logging)  # never returns
     for descriptor in descriptors:
         os.close(descriptor)
     logger.info("flow run %s started as pid %d", request["env"].get("PREFECT__FLOW_RUN_ID", "(no id)"), pid)
@@ -192,7 +206,7 @@ def _receive(connection: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return request, list(descriptors)
 
 
-def _run_engine(request: dict[str, Any], descriptors: list[int]) -> None:
+def _run_engine(request: dict[str, Any], descriptors: list[int], own_logging: dict[str, str]) -> None:
     """In the child: become the flow run's process, as `python -m prefect.engine` would be."""
     code = 1
     try:
@@ -209,7 +223,8 @@ def _run_engine(request: dict[str, Any], descriptors: list[int]) -> None:
         from prefect.logging.configuration import setup_logging
 
         refresh_global_settings_context()  # the settings of the run's environment, not the warm engine's
-        setup_logging(incremental=False)
+        if _logging_settings(os.environ) != own_logging:  # 0.1 s, saved when prefect.yaml's match ours
+            setup_logging(incremental=False)
         sys.argv = ["prefect.engine", *request["args"]]
         runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
         code = 0
@@ -225,6 +240,10 @@ def _run_engine(request: dict[str, Any], descriptors: list[int]) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _logging_settings(environment: Mapping[str, str]) -> dict[str, str]:
+    return {key: value for key, value in environment.items() if key.startswith("PREFECT_LOGGING_")}
 
 
 def _stop_child_of(

@@ -461,11 +461,17 @@ def _is_certificate_error(error: BaseException) -> bool:
     return False
 
 
+def default_tls_context() -> ssl.SSLContext:
+    """The TLS context of registries without a ca_file (the system's CAs), built once per process.
+    A warm engine builds it before it forks, so that the flow runs it starts inherit it."""
+    return _tls_context(None, None)
+
+
 def _tls_verification(config: RegistryConfig) -> ssl.SSLContext | bool:
     if config.insecure:
         return False
     if config.ca_file is None:
-        return _tls_context(None, None)
+        return default_tls_context()
     try:
         stat = config.ca_file.stat()
         version = (stat.st_mtime_ns, stat.st_size)  # a replaced bundle gets a context of its own
