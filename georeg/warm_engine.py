@@ -40,6 +40,7 @@ SOCKET_ENV = "GEOREG_WARM_ENGINE"
 PRELOAD = ("prefect.engine", "prefect.flow_engine", "georeg.flows.replicate", "georeg.flows.delete")
 _REAP_INTERVAL_S = 0.05
 _MAX_REQUEST_BYTES = 1 << 20
+_REQUEST_TIMEOUT_S = 5.0
 
 logger = logging.getLogger("georeg.warm_engine")
 
@@ -164,8 +165,10 @@ def _accept(
     own_logging: dict[str, str],
 ) -> None:
     connection, _ = listener.accept()
+    connection.settimeout(_REQUEST_TIMEOUT_S)  # a peer that sends nothing must not hold up every other run
     try:
         request, descriptors = _receive(connection)
+        connection.settimeout(None)
     except (OSError, ValueError) as error:
         logger.warning("refused a flow run: %s", error)
         connection.close()

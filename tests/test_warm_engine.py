@@ -3,8 +3,12 @@ work pool started as forks of a process that has imported Prefect and georeg alr
 
 from __future__ import annotations
 
+import re
+import signal
+import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +105,42 @@ def test_the_forked_runs_logs_reach_prefect(warm_site: DeployedSite, repo_name: 
         deadline=30,
         what="the run's final log line in Prefect",
     )
+
+
+def test_a_signal_to_the_job_command_reaches_the_run(warm_engine: WarmEngine):
+    # A Prefect API that accepts connections and never answers: the run waits there until told to stop.
+    with socket.socket() as silent_api:
+        silent_api.bind(("127.0.0.1", 0))
+        silent_api.listen(16)
+        environment = {
+            **clean_environment(),
+            SOCKET_ENV: str(warm_engine.socket_path),
+            "PREFECT_API_URL": f"http://127.0.0.1:{silent_api.getsockname()[1]}/api",
+        }
+        job = subprocess.Popen(
+            [sys.executable, "-m", "georeg.warm_engine", str(uuid.uuid4())],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(lambda: "started as pid" in warm_engine.log_path.read_text(), deadline=30, what="the fork")
+            [child] = [int(pid) for pid in re.findall(r"started as pid (\d+)", warm_engine.log_path.read_text())]
+            assert job.poll() is None and Path(f"/proc/{child}").exists()  # both waiting on the API
+
+            job.send_signal(signal.SIGTERM)
+
+            assert job.wait(timeout=30) != 0
+            wait_until(lambda: not Path(f"/proc/{child}").exists(), deadline=30, what="the run to end")
+        finally:
+            job.kill()
+
+
+def test_a_peer_that_sends_nothing_is_dropped_and_runs_go_on(warm_engine: WarmEngine):
+    with socket.socket(socket.AF_UNIX) as idle:
+        idle.connect(str(warm_engine.socket_path))  # connected, and silent
+
+        done = job_command({**clean_environment(), SOCKET_ENV: str(warm_engine.socket_path)}, "not-a-flow-run-id")
+
+    assert "Invalid flow run id" in done.stderr
+    assert "flow run (no id) started as pid" in warm_engine.log_path.read_text()
