@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 SOCKET_ENV = "GEOREG_WARM_ENGINE"
-# What a flow-run process would import first; `prefect.engine` loads the flow file itself.
+# What a flow-run process imports: the engine, and the event flows (prefect.yaml names them as modules;
+# the engine loads the other flows from their files).
 PRELOAD = ("prefect.engine", "prefect.flow_engine", "georeg.flows.replicate", "georeg.flows.delete")
 _REAP_INTERVAL_S = 0.05
 _MAX_REQUEST_BYTES = 1 << 20
@@ -51,9 +52,13 @@ logger = logging.getLogger("georeg.warm_engine")
 def launch(arguments: list[str]) -> int:
     """Run the flow run in the warm engine if one answers, else become `python -m prefect.engine`."""
     path = os.environ.get(SOCKET_ENV)
+    forwarded = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    # Held from before the hand-over until they can be forwarded: none may end this process alone.
+    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
     connection = _connect(path) if path else None
     started = _hand_over(connection, arguments) if connection else None
     if connection is None or started is None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)  # an exec keeps the mask
         os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *arguments])
     child = started
 
@@ -61,8 +66,9 @@ def launch(arguments: list[str]) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in forwarded:
         signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
     reply = _read_line(connection)
     if reply is None:  # the warm engine went away: the run's outcome is unknown here
         forward(signal.SIGTERM, None)
