@@ -33,7 +33,7 @@ import sys
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 SOCKET_ENV = "GEOREG_WARM_ENGINE"
 # What a flow-run process imports: the engine, and the event flows (prefect.yaml names them as modules;
@@ -152,7 +152,7 @@ def serve(path: Path) -> None:
                 if key.fileobj is listener:
                     _accept(listener, selector, children, own_logging)
                 else:  # a job command closed its end before its run ended: it was told to stop
-                    _stop_child_of(key.fileobj, selector, children)  # type: ignore[arg-type]
+                    _stop_child_of(key.fileobj, selector)  # type: ignore[arg-type]
             _reap(selector, children)
     finally:
         listener.close()
@@ -179,12 +179,19 @@ def _accept(
         logger.warning("refused a flow run: %s", error)
         connection.close()
         return
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as error:  # the job command, told nothing, runs the engine itself
+        logger.warning("could not fork a flow run: %s", error)
+        for descriptor in descriptors:
+            os.close(descriptor)
+        connection.close()
+        return
     if pid == 0:
-        listener.close()
-        for other in children.values():
-            other.close()
-        _run_engine(request, descriptors, own_logging)  # never returns
+        # The child keeps no socket of the warm engine's, so that the engine's end closing is seen at once.
+        for own in (listener, connection, *children.values()):
+            own.close()
+        _run_engine(request, descriptors, own_logging)
     for descriptor in descriptors:
         os.close(descriptor)
     logger.info("flow run %s started as pid %d", request["env"].get("PREFECT__FLOW_RUN_ID", "(no id)"), pid)
@@ -215,7 +222,7 @@ def _receive(connection: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return request, list(descriptors)
 
 
-def _run_engine(request: dict[str, Any], descriptors: list[int], own_logging: dict[str, str]) -> None:
+def _run_engine(request: dict[str, Any], descriptors: list[int], own_logging: dict[str, str]) -> NoReturn:
     """In the child: become the flow run's process, as `python -m prefect.engine` would be."""
     code = 1
     try:
@@ -255,9 +262,7 @@ def _logging_settings(environment: Mapping[str, str]) -> dict[str, str]:
     return {key: value for key, value in environment.items() if key.startswith("PREFECT_LOGGING_")}
 
 
-def _stop_child_of(
-    connection: socket.socket, selector: selectors.BaseSelector, children: dict[int, socket.socket]
-) -> None:
+def _stop_child_of(connection: socket.socket, selector: selectors.BaseSelector) -> None:
     pid = selector.get_key(connection).data
     selector.unregister(connection)
     with contextlib.suppress(ProcessLookupError):
