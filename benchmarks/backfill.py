@@ -39,9 +39,9 @@ import httpx
 import yaml
 
 from benchmarks.common import (
-    PREFECT_DATABASES,
     BenchmarkError,
     RepositoryListing,
+    add_prefect_database_argument,
     check_listing,
     flow_run_seconds,
     georeg_command,
@@ -477,12 +477,7 @@ def _scenarios(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.backfill", description=__doc__.split("\n")[0])
     parser.add_argument("--scenario", type=_scenarios, default=list(SCENARIOS), help="a,b,c (c implies a)")
-    parser.add_argument(
-        "--prefect-database",
-        choices=PREFECT_DATABASES,
-        default="postgres",
-        help="what the Prefect server stores its runs in (default postgres, as in production)",
-    )
+    add_prefect_database_argument(parser)
     parser.add_argument("--repositories", type=int, default=50, help="(a) repositories (default 50)")
     parser.add_argument("--tags", type=int, default=10, help="(a) tags per repository (default 10)")
     parser.add_argument("--shared-repositories", type=int, default=40, help="(b) repositories (default 40)")

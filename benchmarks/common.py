@@ -3,6 +3,7 @@ tag -> digest listings of a registry, bytes uploaded through a recording proxy, 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -205,6 +206,15 @@ def georeg_command(config: Path, *arguments: str) -> list[str]:
 # --- Prefect ---------------------------------------------------------------------------------------
 
 PREFECT_DATABASES = ("postgres", "sqlite")
+
+
+def add_prefect_database_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prefect-database",
+        choices=PREFECT_DATABASES,
+        default="postgres",
+        help="what the Prefect server stores its runs in (default postgres, as in production)",
+    )
 
 
 def start_prefect_server(stack: ExitStack, home: Path, database: str) -> PrefectServer:

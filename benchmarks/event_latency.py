@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 import yaml
 
-from benchmarks.common import PREFECT_DATABASES, start_prefect_server
+from benchmarks.common import add_prefect_database_argument, start_prefect_server
 from georeg.config import DispatchConfig
 from tests.support.images import Pusher, build_image
 from tests.support.registry import RegistryProcess, free_port
@@ -371,12 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.event_latency", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=50, help="images pushed per mode (default 50)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated dispatch modes (default: both)")
-    parser.add_argument(
-        "--prefect-database",
-        choices=PREFECT_DATABASES,
-        default="postgres",
-        help="what the Prefect server stores its runs in (default postgres, as in production)",
-    )
+    add_prefect_database_argument(parser)
     parser.add_argument(
         "--warm-engine",
         action=argparse.BooleanOptionalAction,

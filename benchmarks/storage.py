@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    PREFECT_DATABASES,
     BenchmarkError,
     RepositoryListing,
     Uploads,
+    add_prefect_database_argument,
     check_listing,
     flow_run_seconds,
     georeg_command,
@@ -288,12 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.storage", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=10, help="images, one repository each (default 10)")
     parser.add_argument("--total-mib", type=int, default=500, help="MiB of layers over all images (default 500)")
-    parser.add_argument(
-        "--prefect-database",
-        choices=PREFECT_DATABASES,
-        default="postgres",
-        help="what the Prefect server stores its runs in (default postgres, as in production)",
-    )
+    add_prefect_database_argument(parser)
     return parser
 
 
