@@ -36,9 +36,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 SOCKET_ENV = "GEOREG_WARM_ENGINE"
-# What a flow-run process imports: the engine, and the event flows (prefect.yaml names them as modules;
-# the engine loads the other flows from their files).
-PRELOAD = ("prefect.engine", "prefect.flow_engine", "georeg.flows.replicate", "georeg.flows.delete")
+# What a flow-run process imports: the engine, the event flows (prefect.yaml names them as modules; the
+# engine loads the other flows from their files), the state database they record outcomes in (SQLAlchemy
+# and its drivers: 1.3 s of a run's CPU otherwise), and what Prefect imports at a run's first task.
+PRELOAD = (
+    "prefect.engine",
+    "prefect.flow_engine",
+    "prefect.utilities.visualization",
+    "georeg.flows.replicate",
+    "georeg.flows.delete",
+    "georeg.state",
+    "sqlalchemy.dialects.sqlite.aiosqlite",
+    "sqlalchemy.dialects.postgresql.asyncpg",
+)
 _REAP_INTERVAL_S = 0.05
 _MAX_REQUEST_BYTES = 1 << 20
 _REQUEST_TIMEOUT_S = 5.0
@@ -131,6 +141,7 @@ def serve(path: Path) -> None:
 
     setup_logging()  # as for this process's environment: a run whose logging settings are the same keeps it
     own_logging = _logging_settings(os.environ)
+    settings = SettingsCache()
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.stat().st_mode):
             path.unlink()  # left by a warm engine that was killed
@@ -150,7 +161,7 @@ def serve(path: Path) -> None:
         while True:
             for key, _ in selector.select(timeout=_REAP_INTERVAL_S):
                 if key.fileobj is listener:
-                    _accept(listener, selector, children, own_logging)
+                    _accept(listener, selector, children, settings, own_logging)
                 else:  # a job command closed its end before its run ended: it was told to stop
                     _stop_child_of(key.fileobj, selector)  # type: ignore[arg-type]
             _reap(selector, children)
@@ -168,6 +179,7 @@ def _accept(
     listener: socket.socket,
     selector: selectors.BaseSelector,
     children: dict[int, socket.socket],
+    settings: SettingsCache,
     own_logging: dict[str, str],
 ) -> None:
     connection, _ = listener.accept()
@@ -191,7 +203,7 @@ def _accept(
         # The child keeps no socket of the warm engine's, so that the engine's end closing is seen at once.
         for own in (listener, connection, *children.values()):
             own.close()
-        _run_engine(request, descriptors, own_logging)
+        _run_engine(request, descriptors, settings, own_logging)
     for descriptor in descriptors:
         os.close(descriptor)
     logger.info("flow run %s started as pid %d", request["env"].get("PREFECT__FLOW_RUN_ID", "(no id)"), pid)
@@ -201,6 +213,7 @@ def _accept(
         os.kill(pid, signal.SIGTERM)
     children[pid] = connection
     selector.register(connection, selectors.EVENT_READ, pid)
+    settings.learn(request["env"], request["cwd"])  # while the child runs: the next run like it starts sooner
 
 
 def _receive(connection: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -222,7 +235,9 @@ def _receive(connection: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return request, list(descriptors)
 
 
-def _run_engine(request: dict[str, Any], descriptors: list[int], own_logging: dict[str, str]) -> NoReturn:
+def _run_engine(
+    request: dict[str, Any], descriptors: list[int], settings: SettingsCache, own_logging: dict[str, str]
+) -> NoReturn:
     """In the child: become the flow run's process, as `python -m prefect.engine` would be."""
     code = 1
     try:
@@ -235,14 +250,21 @@ def _run_engine(request: dict[str, Any], descriptors: list[int], own_logging: di
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
-        from prefect.context import refresh_global_settings_context
+        import prefect.context
         from prefect.logging.configuration import setup_logging
 
-        refresh_global_settings_context()  # the settings of the run's environment, not the warm engine's
+        known = settings.get(request["env"], request["cwd"])
+        if known is None:
+            prefect.context.refresh_global_settings_context()  # the run's settings, not the warm engine's
+        else:
+            prefect.context.GLOBAL_SETTINGS_CONTEXT = known  # what that refresh would have built
         if _logging_settings(os.environ) != own_logging:  # 0.1 s, saved when prefect.yaml's match ours
             setup_logging(incremental=False)
         sys.argv = ["prefect.engine", *request["args"]]
-        runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+        # One synchronous API client for the run: the engine otherwise makes three, each loading the CA
+        # bundle (0.05 s) and opening its own connection, before the flow starts.
+        with prefect.context.SyncClientContext.get_or_create():
+            runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
@@ -256,6 +278,63 @@ def _run_engine(request: dict[str, Any], descriptors: list[int], own_logging: di
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+class SettingsCache:
+    """Prefect's settings for each kind of environment the runs came with, built in the warm engine.
+
+    Building them in a run (pydantic-settings reading the environment, the profiles file, and the
+    settings files in the working directory) costs it 0.3 s. They depend on the PREFECT_ variables (a
+    worker passes its own settings to every run; the per-run values are PREFECT__ ones, which are no
+    settings) and on those files; a process worker gives each run a new, empty working directory. A
+    change to the profiles file needs a restart, as it does for a worker.
+    """
+
+    SETTINGS_FILES = (".env", "prefect.toml", "pyproject.toml")  # read from the working directory
+
+    _LIMIT = 16  # kinds of environment; a worker has one
+
+    def __init__(self) -> None:
+        self._contexts: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, environment: Mapping[str, str], cwd: str) -> Any:
+        """The settings context for this environment, or None if it was not built yet."""
+        return self._contexts.get(self._key(environment, cwd))
+
+    def learn(self, environment: Mapping[str, str], cwd: str) -> None:
+        key = self._key(environment, cwd)
+        if key in self._contexts or len(self._contexts) >= self._LIMIT:
+            return
+        import prefect.context
+
+        own_environment, own_cwd = dict(os.environ), os.getcwd()
+        try:
+            os.environ.clear()
+            os.environ.update(environment)
+            os.chdir(cwd)
+            self._contexts[key] = prefect.context.root_settings_context()
+            logger.info("Prefect's settings for runs like this one are ready (%d kinds)", len(self._contexts))
+        except Exception as error:  # the run builds its own, as without this cache
+            logger.warning("could not build Prefect's settings for a run's environment: %s", error)
+        finally:
+            os.environ.clear()
+            os.environ.update(own_environment)
+            os.chdir(own_cwd)
+
+    @classmethod
+    def _key(cls, environment: Mapping[str, str], cwd: str) -> tuple[Any, ...]:
+        settings = (item for item in environment.items() if item[0].startswith("PREFECT_"))
+        variables = frozenset((name, value) for name, value in settings if not name.startswith("PREFECT__"))
+        return variables, *(_identity(Path(cwd, name)) for name in cls.SETTINGS_FILES)
+
+
+def _identity(path: Path) -> tuple[str, int, int] | None:
+    """A file as it is now (None if absent): another one, or the same one changed, compares different."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return str(path), status.st_mtime_ns, status.st_size
 
 
 def _logging_settings(environment: Mapping[str, str]) -> dict[str, str]:

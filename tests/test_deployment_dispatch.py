@@ -24,6 +24,7 @@ from tests.support.services import (
     WarmEngine,
     clean_environment,
     deploy_georeg,
+    prefect_cli,
     wait_until,
 )
 from tests.test_serve import SECRET, deployments_notifications, write_georeg_config
@@ -36,6 +37,7 @@ class DeployedSite:
     server: PrefectServer
     worker: BackgroundProcess
     receiver: GeoregServe
+    environment: dict[str, str]
     warm_engine: WarmEngine | None = None
 
     def secondary_digest(self, repository: str, reference: str) -> str | None:
@@ -103,7 +105,7 @@ def deployed_site(root: Path, *, warm: bool = False) -> Iterator[DeployedSite]:
         engine = stack.enter_context(WarmEngine(root, environment)) if warm else None
         worker = stack.enter_context(PrefectWorker(root / "worker.log", environment, warm_engine=engine))
         receiver = stack.enter_context(GeoregServe(config, root / "serve.log", environment, port=receiver_port))
-        yield DeployedSite(primary, secondary, server, worker, receiver, engine)
+        yield DeployedSite(primary, secondary, server, worker, receiver, environment, engine)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +150,34 @@ def test_events_wait_while_prefect_is_down_and_run_exactly_once(site: DeployedSi
         lambda: site.flow_runs(f"replicate {repo_name}:during-outage") == ["COMPLETED"],
         deadline=60,
         what="exactly one COMPLETED flow run",
+    )
+
+
+def test_runs_keep_starting_after_the_deployment_is_deleted_and_deployed_again(site: DeployedSite, repo_name: str):
+    from prefect.client.orchestration import PrefectClient
+
+    async def deployment_id(delete: bool = False) -> str:
+        async with PrefectClient(site.server.api_url) as client:  # it retries the SQLite server's 503s
+            deployment = await client.read_deployment_by_name("replicate-image/replicate-image")
+            if delete:
+                await client.delete_deployment(deployment.id)
+            return str(deployment.id)
+
+    images = {tag: build_image("docker") for tag in ("before", "after")}
+    with Pusher(site.primary.url) as pusher:
+        pusher.push_image(repo_name, images["before"], "before")
+        site.wait_replicated(repo_name, "before", images["before"].digest)  # the receiver knows the deployment now
+        old_id = asyncio.run(deployment_id(delete=True))
+        prefect_cli(site.environment, "deploy", "--all")
+        assert asyncio.run(deployment_id()) != old_id
+
+        pusher.push_image(repo_name, images["after"], "after")
+
+    site.wait_replicated(repo_name, "after", images["after"].digest)
+    wait_until(
+        lambda: site.flow_runs(f"replicate {repo_name}:after") == ["COMPLETED"],
+        deadline=60,
+        what="one COMPLETED flow run of the new deployment",
     )
 
 

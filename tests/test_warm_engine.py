@@ -3,6 +3,7 @@ work pool started as forks of a process that has imported Prefect and georeg alr
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from georeg.warm_engine import SOCKET_ENV
+from georeg.warm_engine import SOCKET_ENV, SettingsCache
 from tests.support.images import Pusher, build_image
 from tests.support.services import (
     WarmEngine,
@@ -105,6 +106,46 @@ def test_the_forked_runs_logs_reach_prefect(warm_site: DeployedSite, repo_name: 
         deadline=30,
         what="the run's final log line in Prefect",
     )
+
+
+def test_runs_after_the_first_start_with_the_settings_the_warm_engine_built(warm_site: DeployedSite, repo_name: str):
+    site, engine = warm_site, warm_site.warm_engine
+    assert engine is not None
+    images = {tag: build_image("docker") for tag in ("first", "second")}
+    with Pusher(site.primary.url) as pusher:
+        for tag, image in images.items():
+            pusher.push_image(repo_name, image, tag)
+            site.wait_replicated(repo_name, tag, image.digest)  # one after the other: the second is a later run
+
+    for tag in images:
+        wait_until(
+            lambda tag=tag: site.flow_runs(f"replicate {repo_name}:{tag}") == ["COMPLETED"],
+            deadline=30,
+            what=f"the run of {tag} to be recorded COMPLETED",
+        )
+    # Every run of the worker comes with the same settings: they were built once, for the first.
+    assert engine.log_path.read_text().count("settings for runs like this one are ready") == 1
+
+
+def test_settings_are_reused_for_the_same_settings_and_built_anew_for_others(tmp_path: Path):
+    first, second = tmp_path / "run-1", tmp_path / "run-2"  # a process worker's fresh working directories
+    first.mkdir()
+    second.mkdir()
+    worker = {**clean_environment(), "PREFECT_API_URL": "http://127.0.0.1:4200/api"}
+    cache = SettingsCache()
+    own_environment, own_cwd = dict(os.environ), os.getcwd()
+
+    cache.learn({**worker, "PREFECT__FLOW_RUN_ID": str(uuid.uuid4())}, str(first))
+
+    assert os.environ == own_environment and os.getcwd() == own_cwd  # the warm engine's own are untouched
+    known = cache.get({**worker, "PREFECT__FLOW_RUN_ID": str(uuid.uuid4())}, str(second))
+    assert known is not None and known.settings.api.url == "http://127.0.0.1:4200/api"
+    assert cache.get({**worker, "PREFECT_API_URL": "http://127.0.0.1:4201/api"}, str(second)) is None
+    (second / "prefect.toml").write_text('[logging]\nlevel = "DEBUG"\n')
+    assert cache.get(worker, str(second)) is None  # a settings file in the working directory counts
+    cache.learn(worker, str(second))
+    from_file = cache.get(worker, str(second))
+    assert from_file is not None and from_file.settings.logging.level == "DEBUG"
 
 
 def test_a_signal_to_the_job_command_reaches_the_run(warm_engine: WarmEngine):

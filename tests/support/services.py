@@ -229,7 +229,7 @@ class WarmEngine(BackgroundProcess):
 class PrefectWorker(BackgroundProcess):
     """A `prefect worker` on the `georeg` pool that asks for work twice a second (the default is every 10 s)."""
 
-    SETTINGS = {"PREFECT_WORKER_QUERY_SECONDS": "0.5", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    SETTINGS = {"PREFECT_WORKER_QUERY_SECONDS": "0.25", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
 
     def __init__(
         self,
