@@ -23,14 +23,16 @@ _HEADS_IN_FLIGHT = 16
 
 
 async def list_repositories(
-    primary: RegistryClient, secondary: RegistryClient, settings: ReplicationConfig
+    primary: RegistryClient, secondary: RegistryClient, settings: ReplicationConfig, *, shared: bool = False
 ) -> list[str]:
-    """Every repository on either side that the filters want (the secondary's own, to clean them up)."""
+    """Every repository on either side that the filters want (the secondary's own, to clean them up).
+    `shared`: the secondary's storage is the primary's, so is its catalog, which is not asked again."""
 
     async def names(client: RegistryClient) -> set[str]:
         return {name async for name in client.catalog()}
 
-    found = set().union(*await asyncio.gather(names(primary), names(secondary)))
+    sides = [primary] if shared else [primary, secondary]
+    found = set().union(*await asyncio.gather(*(names(client) for client in sides)))
     return sorted(name for name in found if settings.repositories.wants(name))
 
 
@@ -112,23 +114,26 @@ async def sync_repository(
 
     `shared_storage` is the secondary's storage when the primary shares it: tags are confirmed, not copied."""
     result = RepositorySync(repository)
-    primary_tags, secondary_tags = await asyncio.gather(primary.tags(repository), secondary.tags(repository))
-    wanted_tags = [tag for tag in primary_tags if settings.tags.wants(tag)]
-    # A repository the secondary lists no tag of gets every tag copied whatever its digest: the
-    # primary's HEADs would decide nothing, and no blob HEAD is needed for its small blobs either.
-    fresh = not secondary_tags
-    listed_on_secondary = [tag for tag in secondary_tags if settings.tags.wants(tag)]
     if shared_storage:
-        # Both sides list the same tags by construction: every tag is confirmed, not compared, because
-        # what makes it synced is that its manifests and blobs really are there. HEADs would decide nothing.
-        wanted, present = dict.fromkeys(wanted_tags, ""), dict.fromkeys(listed_on_secondary, "")
+        # The secondary lists what the primary lists, from the same storage: every tag is confirmed, not
+        # compared, because what makes it synced is that its manifests and blobs really are there.
+        # Neither the secondary's listing nor HEADs would decide anything.
+        wanted = dict.fromkeys((tag for tag in await primary.tags(repository) if settings.tags.wants(tag)), "")
+        present: dict[str, str] = {}
+        fresh = False
     else:
+        primary_tags, secondary_tags = await asyncio.gather(primary.tags(repository), secondary.tags(repository))
+        wanted_tags = [tag for tag in primary_tags if settings.tags.wants(tag)]
+        # A repository the secondary lists no tag of gets every tag copied whatever its digest: the
+        # primary's HEADs would decide nothing, and no blob HEAD is needed for its small blobs either.
+        fresh = not secondary_tags
+        listed_on_secondary = [tag for tag in secondary_tags if settings.tags.wants(tag)]
         wanted, present = await asyncio.gather(
             head_digests(primary, repository, [] if fresh else wanted_tags),
             head_digests(secondary, repository, listed_on_secondary),
         )
-    if fresh:
-        wanted = dict.fromkeys(wanted_tags, "")
+        if fresh:
+            wanted = dict.fromkeys(wanted_tags, "")
     to_copy = sorted(tag for tag, digest in wanted.items() if shared_storage or present.get(tag) != digest)
     to_remove = sorted(set(present) - set(wanted)) if settings.delete_extra_tags else []
     result.unchanged = len(wanted) - len(to_copy)

@@ -325,16 +325,7 @@ async def replicate(
     so its small blobs are sent without asking first whether it has them (see `copy_blob`)."""
     image = await resolve_image(primary, reference)
     if shared_storage is not None:
-        # Nothing is written, so what the secondary serves under the tag can be asked at the same time;
-        # a blob missing from the storage is the error to report when both checks fail.
-        confirmed, served = await asyncio.gather(
-            confirm_shared(secondary, shared_storage, image), verify_replica(secondary, image), return_exceptions=True
-        )
-        if isinstance(confirmed, BaseException):
-            raise confirmed
-        if isinstance(served, BaseException):
-            raise served
-        copies = confirmed
+        copies = await confirm_shared(secondary, shared_storage, image)  # what verifying would ask, it asks
     else:
         copies = await copy_blobs(primary, secondary, image, concurrency, fresh_repository=fresh_repository)
         if not await put_manifests(secondary, image):
@@ -343,21 +334,28 @@ async def replicate(
 
 
 async def confirm_shared(secondary: RegistryClient, storage: StorageAdapter, image: ResolvedImage) -> list[BlobCopy]:
-    """Shared storage: what the primary wrote is the secondary's. Confirm it rather than trust it:
-    every manifest served by digest, every blob in the storage with its size. Missing is an error."""
+    """Shared storage: what the primary wrote is the secondary's. Confirm it rather than trust it: the
+    secondary serves the image under its reference with the primary's digest, and an index's children
+    by digest; every blob is in the storage with its size. Anything missing or different is an error."""
     repository = image.reference.repository
     blobs = image.blobs()
     # Every check at once: each is a round trip (a storage call in a worker thread, as the adapters'
     # SDKs block) and nothing about one depends on another.
-    served, sizes = await asyncio.gather(
-        asyncio.gather(*(secondary.head_manifest(repository, manifest.digest) for manifest in image.manifests)),
+    served, children, sizes = await asyncio.gather(
+        secondary.head_manifest(repository, image.reference.reference),
+        asyncio.gather(*(secondary.head_manifest(repository, child.digest) for child in image.manifests[:-1])),
         asyncio.gather(*(asyncio.to_thread(storage_blob_size, storage, blob.digest) for blob in blobs)),
     )
-    for manifest, head in zip(image.manifests, served, strict=True):
+    hint = "although it shares the primary's storage: check that both registries use the same storage block"
+    if served is None or served.digest != image.digest:
+        raise ReplicationError(
+            f"{secondary.name} serves {image.reference} as {served.digest if served else 'nothing'}, expected "
+            f"{image.digest}, {hint}"
+        )
+    for child, head in zip(image.manifests[:-1], children, strict=True):
         if head is None:
             raise ReplicationError(
-                f"{secondary.name} does not serve manifest {manifest.digest} of {image.reference} although it "
-                "shares the primary's storage: check that both registries use the same storage block"
+                f"{secondary.name} does not serve manifest {child.digest} of {image.reference} {hint}"
             )
     for blob, size in zip(blobs, sizes, strict=True):
         if size != blob.size:

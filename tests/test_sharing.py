@@ -11,10 +11,15 @@ from typing import Any
 import pytest
 import yaml
 
-from georeg.config import parse_config
+from georeg.config import RegistryConfig, ReplicationConfig, parse_config
 from georeg.errors import ConfigError, ReplicationError
 from georeg.flows import backfill, replicate_image
+from georeg.references import ImageReference
+from georeg.registry import RegistryClient
+from georeg.registry.auth import PULL_ONLY
+from georeg.replication import confirm_shared, resolve_image
 from georeg.sharing import ReplicationMode, decide_mode
+from georeg.storage_adapters import build_adapter
 from tests.conftest import RegistryPair, WriteConfig
 from tests.support.images import Pusher, build_image, build_index
 from tests.support.proxy import FaultProxy
@@ -90,6 +95,12 @@ async def test_shared_storage_replication_copies_no_bytes(shared_pair, write_con
         assert result["bytes_skipped"] == sum(blob.size for blob in index.all_blobs())
         assert {r.method for r in secondary_proxy.requests} == {"HEAD"}  # confirmed, never written
 
+        [summary] = await backfill()
+
+        assert summary["mode"] == "shared" and summary["tags_confirmed"] == 1 and summary["bytes_copied"] == 0
+        # Confirmed through manifest HEADs only: the secondary's catalog and tag lists are the primary's.
+        assert {(r.method, "/manifests/" in r.path) for r in secondary_proxy.requests} == {("HEAD", True)}
+
 
 @pytest.mark.usefixtures("prefect_api_url")
 async def test_a_blob_missing_from_shared_storage_is_an_error_not_synced(shared_pair, write_config, repo_name):
@@ -106,6 +117,26 @@ async def test_a_blob_missing_from_shared_storage_is_an_error_not_synced(shared_
         await replicate_image(repo_name, "v1")
     with pytest.raises(ReplicationError, match="1 of 1 repositories failed"):
         await backfill()
+
+
+async def test_confirming_checks_the_digest_the_secondary_serves_under_the_tag(shared_pair, repo_name):
+    pair, storage = shared_pair
+    first, second = build_image("oci", layer_sizes=[2000]), build_image("oci", layer_sizes=[3000])
+    with Pusher(pair.primary.url) as pusher:
+        pusher.push_image(repo_name, first, "v1")
+    settings = ReplicationConfig()
+    async with (
+        RegistryClient("primary", RegistryConfig(url=pair.primary.url), settings, allowed_actions=PULL_ONLY) as primary,
+        RegistryClient("east", RegistryConfig(url=pair.secondary.url), settings, allowed_actions=PULL_ONLY) as east,
+    ):
+        image = await resolve_image(primary, ImageReference(repo_name, "v1"))
+        with Pusher(pair.primary.url) as pusher:
+            pusher.push_image(repo_name, second, "v1")  # retagged on the primary after it was resolved
+
+        with pytest.raises(ReplicationError, match=f"east serves {repo_name}:v1 as {second.digest}, expected"):
+            await confirm_shared(east, build_adapter(storage), image)
+        confirmed = await confirm_shared(east, build_adapter(storage), await resolve_image(primary, image.reference))
+    assert sorted(copy.digest for copy in confirmed) == sorted(blob.digest for blob in second.blobs)
 
 
 def _with_storage(write_config: WriteConfig, pair: RegistryPair, secondary_url: str, storage: dict) -> None:

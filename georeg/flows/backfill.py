@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -27,7 +28,7 @@ from georeg.flows.common import for_each_secondary, open_state, run_holder
 from georeg.progress import Progress, artifact_key
 from georeg.registry import RegistryClient
 from georeg.replication import bounded
-from georeg.sharing import decide_mode
+from georeg.sharing import ModeDecision, decide_mode
 from georeg.state import FAILED, STARTED, RepositoryState, StateStore
 from georeg.storage_adapters import StorageAdapter
 from georeg.tasks import list_repositories_task, sync_repository_task, with_retry_settings
@@ -87,7 +88,8 @@ async def backfill_batch(secondary: str, repositories: list[str], dry_run: bool 
 
         async def sync(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
             run_id = await store.run_started("backfill-batch", target.name)
-            summary = await _sync_repositories(config, store, primary, target, repositories, dry_run)
+            async with _replication_mode(config, target.name) as mode:
+                summary = await _sync_repositories(config, store, primary, target, repositories, dry_run, mode)
             # Which worker did this share (a process worker's flow runs are its children).
             summary.update(flow_run_id=str(flow_run.id), worker=f"{socket.gethostname()}:{os.getppid()}")
             await store.run_finished(run_id, "failed" if summary["failed"] else "completed", json.dumps(summary))
@@ -116,16 +118,19 @@ async def _backfill_secondary(
     run_id = None if dry_run else await store.run_started("backfill", target.name)
     try:
         settings = config.replication
-        repositories = await with_retry_settings(list_repositories_task, settings)(primary, target, settings)
-        states = await store.repository_states(target.name)
-        due = [name for name in repositories if _due(states.get(name))]
-        if not dry_run:
-            for gone in set(states) - set(repositories):  # no longer on either side (or filtered out)
-                await store.forget_repository(target.name, gone)
-        if _fans_out(config, len(due)):
-            summary = await _fan_out(config, store, target.name, due, dry_run)
-        else:
-            summary = await _sync_repositories(config, store, primary, target, due, dry_run)
+        async with _replication_mode(config, target.name) as mode:
+            repositories = await with_retry_settings(list_repositories_task, settings)(
+                primary, target, settings, shared=mode.storage is not None
+            )
+            states = await store.repository_states(target.name)
+            due = [name for name in repositories if _due(states.get(name))]
+            if not dry_run:
+                for gone in set(states) - set(repositories):  # no longer on either side (or filtered out)
+                    await store.forget_repository(target.name, gone)
+            if _fans_out(config, len(due)):
+                summary = await _fan_out(config, store, target.name, due, dry_run)
+            else:
+                summary = await _sync_repositories(config, store, primary, target, due, dry_run, mode)
         summary.update(repositories=len(repositories), deferred=len(repositories) - len(due))
         if run_id is not None:
             await store.run_finished(run_id, "failed" if summary["failed"] else "completed", json.dumps(summary))
@@ -149,12 +154,9 @@ async def _sync_repositories(
     target: RegistryClient,
     repositories: list[str],
     dry_run: bool,
+    mode: ModeDecision,
 ) -> dict[str, Any]:
     """Sync `repositories` concurrently, record each one's state, publish progress and a table."""
-    mode = decide_mode(config, config.select_secondaries(target.name)[0])
-    # The storage SDK's import and client cost about half a second: made while the first repositories
-    # are listed, not when their first blob is checked.
-    connecting = asyncio.create_task(_connect_ahead(mode.storage)) if mode.storage else None
     progress = Progress(artifact_key("backfill", target.name), f"Backfill of {target.name}", len(repositories))
     await progress.start()
     recorder = None if dry_run else _StateRecorder(store, target.name, config.replication)
@@ -174,8 +176,6 @@ async def _sync_repositories(
     finally:
         if recorder is not None:
             await asyncio.shield(recorder.flush())  # what was learned is kept, even when cancelled
-    if connecting is not None:
-        await connecting
     await acreate_table_artifact(
         table=[result.as_row() for result in results],
         key=artifact_key("backfill", target.name, "report"),
@@ -197,6 +197,20 @@ async def _sync_repositories(
         "bytes_copied": sum(r.bytes_copied for r in results),
         "bytes_skipped": sum(r.bytes_skipped for r in results),
     }
+
+
+@contextlib.asynccontextmanager
+async def _replication_mode(config: GeoregConfig, secondary: str) -> AsyncIterator[ModeDecision]:
+    """How `secondary` is replicated. In shared mode its storage client is made meanwhile: the storage
+    SDK's import and client cost half a second to a second, which the listing of the repositories
+    hides instead of the first blob check waiting for it."""
+    mode = decide_mode(config, config.select_secondaries(secondary)[0])
+    connecting = asyncio.create_task(_connect_ahead(mode.storage)) if mode.storage else None
+    try:
+        yield mode
+    finally:
+        if connecting is not None:
+            await connecting
 
 
 async def _connect_ahead(storage: StorageAdapter) -> None:

@@ -60,6 +60,7 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
         mode = decide_mode(config, config.select_secondaries(target.name)[0])
         image = await with_retry_settings(resolve_image_task, settings)(primary, image_reference)
         if mode.storage is not None:
+            # Confirming asks what the secondary serves under the reference, as verifying would.
             copies = await with_retry_settings(confirm_shared_task, settings)(target, mode.storage, image)
         else:
             copy_blob = with_retry_settings(copy_blob_task, settings)
@@ -68,7 +69,7 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
                 *(bounded(room, copy_blob(primary, target, repository, blob)) for blob in image.blobs())
             )
             await with_retry_settings(put_manifests_task, settings)(target, image)
-        await with_retry_settings(verify_replica_task, settings)(target, image)
+            await with_retry_settings(verify_replica_task, settings)(target, image)
         return {
             "secondary": target.name,
             "mode": mode.mode.value,

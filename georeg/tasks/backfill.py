@@ -17,9 +17,9 @@ from georeg.tasks.retries import RETRYING
 
 @task(name="list-repositories", **RETRYING)
 async def list_repositories_task(
-    primary: RegistryClient, secondary: RegistryClient, settings: ReplicationConfig
+    primary: RegistryClient, secondary: RegistryClient, settings: ReplicationConfig, shared: bool = False
 ) -> list[str]:
-    return await backfill.list_repositories(primary, secondary, settings)
+    return await backfill.list_repositories(primary, secondary, settings, shared=shared)
 
 
 @task(name="sync-repository", task_run_name="sync {repository}", **RETRYING)
