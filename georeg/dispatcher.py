@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-import certifi
 import httpx
 
 from georeg.config import DispatchConfig, GeoregConfig
@@ -119,7 +117,6 @@ class DeploymentFlowRuns:
     def __init__(self, settings: DispatchConfig) -> None:
         self.settings = settings
         self.prefect = SharedPrefectClient()
-        self._tls: ssl.SSLContext | None = None
         self._deployment_ids: dict[str, Any] = {}  # deployment name -> id, looked up at its first run
 
     async def close(self) -> None:
@@ -171,20 +168,16 @@ class DeploymentFlowRuns:
             tags=["georeg", f"secondary:{claim.secondary}"],
         )
 
-    def _httpx_settings(self) -> dict[str, Any]:
-        """The TLS context of the Prefect API, built once: Prefect's client loads the CA bundle anew for
-        every client it makes (0.05 s of CPU), and each flow run started makes one."""
-        if self._tls is None:
-            from prefect.settings import get_current_settings
+    def _httpx_settings(self) -> dict[str, Any] | None:
+        """The Prefect API's TLS context, built once: Prefect's client loads the CA bundle anew for every
+        client it makes (0.05 s of CPU), and each flow run started makes one. With verification turned
+        off, Prefect's client builds its own, as before."""
+        from prefect.settings import get_current_settings
 
-            api = get_current_settings().api
-            if api.tls_insecure_skip_verify:
-                self._tls = ssl.create_default_context()
-                self._tls.check_hostname = False
-                self._tls.verify_mode = ssl.CERT_NONE
-            else:  # the CA bundle Prefect's own client would load
-                self._tls = ssl.create_default_context(cafile=api.ssl_cert_file or certifi.where())
-        return {"verify": self._tls}
+        from georeg.registry.client import ca_bundle_context
+
+        api = get_current_settings().api
+        return None if api.tls_insecure_skip_verify else {"verify": ca_bundle_context(api.ssl_cert_file)}
 
     async def _wait(self, flow_run_id: str) -> Any:
         """The run's final state. A worker that died with its machine leaves its run Running for ever:

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 import httpx
@@ -467,17 +468,20 @@ def default_tls_context() -> ssl.SSLContext:
     return _tls_context(None, None)
 
 
-def _tls_verification(config: RegistryConfig) -> ssl.SSLContext | bool:
-    if config.insecure:
-        return False
-    if config.ca_file is None:
+def ca_bundle_context(ca_file: str | Path | None) -> ssl.SSLContext:
+    """The TLS context that trusts `ca_file` (the system's CAs when None), built once per bundle and process."""
+    if ca_file is None:
         return default_tls_context()
     try:
-        stat = config.ca_file.stat()
+        stat = Path(ca_file).stat()
         version = (stat.st_mtime_ns, stat.st_size)  # a replaced bundle gets a context of its own
     except OSError:
         version = None  # let ssl report the missing file
-    return _tls_context(str(config.ca_file), version)
+    return _tls_context(str(ca_file), version)
+
+
+def _tls_verification(config: RegistryConfig) -> ssl.SSLContext | bool:
+    return False if config.insecure else ca_bundle_context(config.ca_file)
 
 
 @functools.lru_cache(maxsize=16)
