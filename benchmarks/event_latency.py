@@ -59,7 +59,8 @@ TIMEOUT_S = 120.0
 SECRET = "benchmark-notification-secret"
 POOL = "georeg"
 WORKER_COMMAND = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL]
-WORKER_SETTINGS = PrefectWorker.SETTINGS
+QUERY_SECONDS = 0.25  # the worker's polling interval, as the README's production setup sets it
+WORKER_SETTINGS = {**PrefectWorker.SETTINGS, "PREFECT_WORKER_QUERY_SECONDS": str(QUERY_SECONDS)}
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "event_latency.json"
 FLOW_RUNS_METRIC = re.compile(r'^georeg_flow_runs_total\{outcome="(\w+)"\} (\S+)$', re.MULTILINE)
 
@@ -132,7 +133,9 @@ def start_worker(
     """The work pool, the deployments of prefect.yaml, and one worker polling the pool (with a warm engine)."""
     deploy_georeg(env)
     engine = stack.enter_context(WarmEngine(root, env)) if warm else None
-    worker = stack.enter_context(PrefectWorker(root / "worker.log", env, warm_engine=engine))
+    worker = stack.enter_context(
+        PrefectWorker(root / "worker.log", env, warm_engine=engine, query_seconds=QUERY_SECONDS)
+    )
     try:
         wait_until(lambda: worker_registered(api_url), deadline=120, what="the worker to register", interval=0.5)
     except AssertionError as error:
