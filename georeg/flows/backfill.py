@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from georeg.registry import RegistryClient
 from georeg.replication import bounded
 from georeg.sharing import ModeDecision, decide_mode
 from georeg.state import FAILED, STARTED, RepositoryState, StateStore
-from georeg.storage_adapters import StorageAdapter
+from georeg.storage_adapters import BlobInventory, StorageAdapter
 from georeg.tasks import list_repositories_task, sync_repository_task, with_retry_settings
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ async def backfill_batch(secondary: str, repositories: list[str], dry_run: bool 
 
         async def sync(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
             run_id = await store.run_started("backfill-batch", target.name)
-            async with _replication_mode(config, target.name) as mode:
+            async with _replication_mode(config, target.name, dry_run) as mode:
                 summary = await _sync_repositories(config, store, primary, target, repositories, dry_run, mode)
             # Which worker did this share (a process worker's flow runs are its children).
             summary.update(flow_run_id=str(flow_run.id), worker=f"{socket.gethostname()}:{os.getppid()}")
@@ -118,11 +119,13 @@ async def _backfill_secondary(
     run_id = None if dry_run else await store.run_started("backfill", target.name)
     try:
         settings = config.replication
-        async with _replication_mode(config, target.name) as mode:
-            repositories = await with_retry_settings(list_repositories_task, settings)(
-                primary, target, settings, shared=mode.storage is not None
+        async with _replication_mode(config, target.name, dry_run) as mode:
+            repositories, states = await asyncio.gather(
+                with_retry_settings(list_repositories_task, settings)(
+                    primary, target, settings, shared=mode.storage is not None
+                ),
+                store.repository_states(target.name),
             )
-            states = await store.repository_states(target.name)
             due = [name for name in repositories if _due(states.get(name))]
             if not dry_run:
                 for gone in set(states) - set(repositories):  # no longer on either side (or filtered out)
@@ -158,10 +161,11 @@ async def _sync_repositories(
 ) -> dict[str, Any]:
     """Sync `repositories` concurrently, record each one's state, publish progress and a table."""
     progress = Progress(artifact_key("backfill", target.name), f"Backfill of {target.name}", len(repositories))
-    await progress.start()
     recorder = None if dry_run else _StateRecorder(store, target.name, config.replication)
+    starting = [progress.start()]  # independent round trips, to the Prefect API and the state database
     if not dry_run:
-        await store.set_repository_states(target.name, repositories, state=STARTED)
+        starting.append(store.set_repository_states(target.name, repositories, state=STARTED))
+    await asyncio.gather(*starting)
 
     async def sync(repository: str) -> RepositorySync:
         result = await _sync_one(config, primary, target, repository, dry_run, mode.storage)
@@ -200,11 +204,14 @@ async def _sync_repositories(
 
 
 @contextlib.asynccontextmanager
-async def _replication_mode(config: GeoregConfig, secondary: str) -> AsyncIterator[ModeDecision]:
-    """How `secondary` is replicated. In shared mode its storage client is made meanwhile: the storage
-    SDK's import and client cost half a second to a second, which the listing of the repositories
-    hides instead of the first blob check waiting for it."""
+async def _replication_mode(config: GeoregConfig, secondary: str, dry_run: bool) -> AsyncIterator[ModeDecision]:
+    """How `secondary` is replicated. In shared mode, blobs are confirmed from one listing of the storage
+    (`BlobInventory`; a dry run confirms nothing), taken meanwhile with the storage client: the SDK's
+    import and client cost half a second to a second, which the listing of the repositories hides
+    instead of the first check waiting."""
     mode = decide_mode(config, config.select_secondaries(secondary)[0])
+    if mode.storage is not None and not dry_run:
+        mode = dataclasses.replace(mode, storage=BlobInventory(mode.storage))
     connecting = asyncio.create_task(_connect_ahead(mode.storage)) if mode.storage else None
     try:
         yield mode
@@ -221,9 +228,17 @@ async def _connect_ahead(storage: StorageAdapter) -> None:
 
 def _fans_out(config: GeoregConfig, due: int) -> bool:
     """Only a backfill that runs as a deployment has a pool of workers to share with."""
-    from prefect.runtime import deployment
+    return config.backfill.fan_out and _deployment_id() is not None and due > config.backfill.batch_size
 
-    return config.backfill.fan_out and deployment.id is not None and due > config.backfill.batch_size
+
+def _deployment_id() -> UUID | None:
+    """The running flow run's deployment, from the run's context. Not `prefect.runtime.deployment.id`:
+    for a flow run of no deployment, that one asks the API and blocks the event loop while it waits
+    (0.3 s on a busy server), holding up every repository in flight."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return context.flow_run.deployment_id if context is not None and context.flow_run is not None else None
 
 
 async def _fan_out(

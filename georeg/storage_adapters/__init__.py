@@ -25,6 +25,7 @@ from georeg.storage_adapters.base import (
 from georeg.storage_adapters.filesystem import FilesystemAdapter
 from georeg.storage_adapters.gcs import GcsAdapter
 from georeg.storage_adapters.inmemory import InMemoryAdapter
+from georeg.storage_adapters.inventory import BlobInventory
 from georeg.storage_adapters.oss import OssAdapter
 from georeg.storage_adapters.s3 import S3Adapter
 from georeg.storage_adapters.swift import SwiftAdapter
@@ -44,6 +45,7 @@ REGISTRY_CONFIG_KEY = "registry_config"
 
 __all__ = [
     "ADAPTERS",
+    "BlobInventory",
     "StorageAdapter",
     "StorageError",
     "StorageLocation",

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import SecretStr
@@ -15,11 +17,13 @@ from georeg.errors import ConfigError
 from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
 from georeg.storage_adapters.params import (
     DriverParameters,
+    directory_key,
     location_root,
     normalise_endpoint,
     normalise_root,
     object_key,
     public_url,
+    relative_path,
 )
 
 PARAMETERS = {
@@ -41,6 +45,8 @@ DEFAULT_REALM = "core.windows.net"
 
 class AzureAdapter:
     """Reads blobs with azure-storage-blob, signing with the account key or an Azure AD credential."""
+
+    list_page = 1000  # objects per listing request
 
     def __init__(self, parameters: dict[str, Any]) -> None:
         params = DriverParameters("azure", parameters, PARAMETERS)
@@ -123,16 +129,31 @@ class AzureAdapter:
         key = self.key(path)
         return self._call("GET", key, lambda blob: blob.download_blob().readall())
 
+    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        prefix = directory_key(self.root, directory)
+        with self._failures("LIST", prefix):
+            for properties in self.client().list_blobs(name_starts_with=prefix, results_per_page=self.list_page):
+                yield relative_path(self.root, properties.name), int(properties.size)
+
     def _call(self, operation: str, key: str, action: Any) -> Any:
-        from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with self._failures(operation, key):
+            try:
+                return action(self.client().get_blob_client(key))
+            except ResourceNotFoundError as error:
+                if error.error_code == "ContainerNotFound":
+                    raise
+                return None
+
+    @contextlib.contextmanager
+    def _failures(self, operation: str, key: str) -> Iterator[None]:
+        """The SDK's errors as StorageErrors that name the call and the blob."""
+        from azure.core.exceptions import AzureError, HttpResponseError
 
         where = f"{self.container}/{key}"
         try:
-            return action(self.client().get_blob_client(key))
-        except ResourceNotFoundError as error:
-            if error.error_code == "ContainerNotFound":
-                raise backend_failure("azure", operation, where, error.status_code, error.error_code) from None
-            return None
+            yield
         except HttpResponseError as error:
             raise backend_failure("azure", operation, where, error.status_code, error.error_code) from None
         except AzureError as error:

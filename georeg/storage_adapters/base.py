@@ -8,6 +8,7 @@ built only from validated repository names and digests.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +16,7 @@ from georeg.errors import GeoregError
 from georeg.references import validate_digest, validate_repository, validate_tag
 
 REGISTRY_PREFIX = "docker/registry/v2"
+BLOBS_DIRECTORY = f"{REGISTRY_PREFIX}/blobs/"
 
 # Guards the lazy creation of an SDK client: shared-storage checks run in several threads at once,
 # and each would otherwise build a client of its own (boto3 loads its service model each time).
@@ -61,10 +63,16 @@ class StorageAdapter(Protocol):
         """Contents of a small object (a link file), or None if it is absent."""
         ...
 
+    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        """(path, size) of every object under `directory` (relative to the registry root, as `path`
+        is above), page by page as the backend lists them; nothing if the directory is absent. The
+        size is None where the listing may not show it (`object_size` then tells)."""
+        ...
+
 
 def blob_path(digest: str) -> str:
     algorithm, hex_digest = validate_digest(digest).split(":", 1)
-    return f"{REGISTRY_PREFIX}/blobs/{algorithm}/{hex_digest[:2]}/{hex_digest}/data"
+    return f"{BLOBS_DIRECTORY}{algorithm}/{hex_digest[:2]}/{hex_digest}/data"
 
 
 def manifest_revision_link(repository: str, digest: str) -> str:

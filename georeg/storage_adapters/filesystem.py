@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +41,13 @@ class FilesystemAdapter:
             return (self.root / path).read_bytes()
         except FileNotFoundError:
             return None
+
+    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        for parent, _directories, files in os.walk(self.root / directory.strip("/")):
+            for name in files:
+                path = Path(parent, name)
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:  # deleted since it was listed
+                    continue
+                yield path.relative_to(self.root).as_posix(), size

@@ -7,7 +7,9 @@ its client agree): the endpoint becomes the emulator and requests go unauthentic
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,12 @@ from georeg.errors import ConfigError
 from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
 from georeg.storage_adapters.params import (
     DriverParameters,
+    directory_key,
     location_root,
     normalise_endpoint,
     normalise_root,
     object_key,
+    relative_path,
 )
 
 PARAMETERS = {"bucket", "chunksize", "credentials", "keyfile", "maxconcurrency", "rootdirectory", "useragent"}
@@ -29,6 +33,8 @@ TIMEOUT_S = 30.0
 
 class GcsAdapter:
     """Reads objects with google-cloud-storage using the keyfile, inline credentials or default credentials."""
+
+    list_page = 1000  # objects per listing request
 
     def __init__(self, parameters: dict[str, Any]) -> None:
         params = DriverParameters("gcs", parameters, PARAMETERS)
@@ -87,16 +93,33 @@ class GcsAdapter:
             "GET", key, lambda bucket: bucket.blob(key).download_as_bytes(timeout=TIMEOUT_S, retry=_retry())
         )
 
+    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        prefix = directory_key(self.root, directory)
+        with self._failures("LIST", prefix):
+            for blob in self.client().list_blobs(
+                self.bucket, prefix=prefix, page_size=self.list_page, timeout=TIMEOUT_S, retry=_retry()
+            ):
+                yield relative_path(self.root, blob.name), int(blob.size or 0)
+
     def _call(self, operation: str, key: str, action: Any) -> Any:
-        from google.api_core.exceptions import GoogleAPICallError, NotFound
+        from google.api_core.exceptions import NotFound
+
+        with self._failures(operation, key):
+            try:
+                return action(self.client().bucket(self.bucket))
+            except NotFound:
+                return None
+
+    @contextlib.contextmanager
+    def _failures(self, operation: str, key: str) -> Iterator[None]:
+        """The client's errors as StorageErrors that name the call and the object."""
+        from google.api_core.exceptions import GoogleAPICallError
         from google.auth.exceptions import GoogleAuthError
         from requests.exceptions import RequestException
 
         where = f"{self.bucket}/{key}"
         try:
-            return action(self.client().bucket(self.bucket))
-        except NotFound:
-            return None
+            yield
         except GoogleAPICallError as error:
             raise backend_failure("gcs", operation, where, error.code, type(error).__name__) from None
         except (GoogleAuthError, RequestException) as error:

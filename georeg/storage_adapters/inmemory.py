@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from georeg.storage_adapters.base import StorageLocation
@@ -34,3 +35,6 @@ class InMemoryAdapter:
 
     def read_small(self, path: str) -> bytes | None:
         return None
+
+    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        return iter(())

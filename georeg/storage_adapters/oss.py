@@ -7,16 +7,20 @@ host (the scheme comes from `secure`). Object keys are `<rootdirectory>/<path>`,
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
 from georeg.storage_adapters.params import (
     DriverParameters,
+    directory_key,
     location_root,
     normalise_endpoint,
     normalise_root,
     object_key,
+    relative_path,
 )
 
 PARAMETERS = {
@@ -38,6 +42,8 @@ TIMEOUT_S = 30
 
 class OssAdapter:
     """Reads objects with oss2 (path-style requests when the endpoint is an IP address or localhost)."""
+
+    list_page = 1000  # objects per listing request
 
     def __init__(self, parameters: dict[str, Any]) -> None:
         params = DriverParameters("oss", parameters, PARAMETERS)
@@ -90,16 +96,33 @@ class OssAdapter:
         key = self.key(path)
         return self._call("GET", key, lambda bucket: bucket.get_object(key).read())
 
+    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        import oss2
+
+        prefix = directory_key(self.root, directory)
+        with self._failures("LIST", prefix):
+            for listed in oss2.ObjectIterator(self.client(), prefix=prefix, max_keys=self.list_page):
+                yield relative_path(self.root, listed.key), int(listed.size)
+
     def _call(self, operation: str, key: str, action: Any) -> Any:
-        from oss2.exceptions import NoSuchBucket, NotFound, OssError, RequestError, ServerError
+        from oss2.exceptions import NoSuchBucket, NotFound
+
+        with self._failures(operation, key):
+            try:
+                return action(self.client())
+            except NoSuchBucket:
+                raise
+            except NotFound:
+                return None
+
+    @contextlib.contextmanager
+    def _failures(self, operation: str, key: str) -> Iterator[None]:
+        """oss2's errors as StorageErrors that name the call and the object."""
+        from oss2.exceptions import OssError, RequestError, ServerError
 
         where = f"{self.bucket}/{key}"
         try:
-            return action(self.client())
-        except NoSuchBucket as error:
-            raise backend_failure("oss", operation, where, error.status, error.code) from None
-        except NotFound:
-            return None
+            yield
         except RequestError:
             raise StorageError(f"oss {operation} {where} at {self.endpoint}: no answer") from None
         except ServerError as error:

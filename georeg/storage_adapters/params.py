@@ -124,6 +124,16 @@ def object_key(root: str, path: str) -> str:
     return f"{root}/{path}" if root else path
 
 
+def directory_key(root: str, directory: str) -> str:
+    """The key prefix of every object under `directory`, ending in '/' so that `a/b` lists no `a/bc`."""
+    return object_key(root, directory.strip("/") + "/")
+
+
+def relative_path(root: str, key: str) -> str:
+    """The registry path of an object key: `object_key` undone."""
+    return key[len(object_key(root, "")) :]
+
+
 def location_root(root: str) -> str:
     """Roots in a StorageLocation: '/' for none, '/a/b' otherwise, so "", "/" and "a/" vs "/a" agree."""
     return "/" + root

@@ -6,17 +6,20 @@ Object keys are `<rootdirectory>/<path>` with the root's slashes trimmed, as the
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from georeg.errors import ConfigError
 from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
 from georeg.storage_adapters.params import (
     DriverParameters,
+    directory_key,
     location_root,
     normalise_endpoint,
     normalise_root,
     object_key,
     public_url,
+    relative_path,
 )
 
 # Everything the 2.8 and 3.x drivers read; only some of it changes where georeg reads from.
@@ -63,6 +66,8 @@ def aws_endpoint(region: str) -> str:
 
 class S3Adapter:
     """Reads objects with boto3 from the bucket, endpoint and credentials of the registry's s3 block."""
+
+    list_page = 1000  # objects per listing request
 
     def __init__(self, parameters: dict[str, Any]) -> None:
         params = DriverParameters("s3", parameters, PARAMETERS)
@@ -152,19 +157,40 @@ class S3Adapter:
         with response["Body"] as body:
             return bytes(body.read())
 
+    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        prefix = directory_key(self.root, directory)
+        try:
+            for page in (
+                self.client()
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.list_page})
+            ):
+                for item in page.get("Contents", ()):
+                    yield relative_path(self.root, item["Key"]), int(item["Size"])
+        except (BotoCoreError, ClientError) as error:
+            raise self._failure("LIST", f"{self.bucket}/{prefix}", error) from None
+
     def _call(self, operation: str, path: str, method: str) -> dict[str, Any] | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = self.key(path)
-        where = f"{self.bucket}/{key}"
         try:
             return dict(getattr(self.client(), method)(Bucket=self.bucket, Key=key))
         except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code", ""))
-            if code in _NOT_FOUND:
+            if str(error.response.get("Error", {}).get("Code", "")) in _NOT_FOUND:
                 return None
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            raise backend_failure("s3", operation, where, status, code) from None
+            raise self._failure(operation, f"{self.bucket}/{key}", error) from None
         except BotoCoreError as error:
-            endpoint = public_url(self._endpoint_url) if self._endpoint_url else self.endpoint
-            raise StorageError(f"s3 {operation} {where} at {endpoint}: {type(error).__name__}") from None
+            raise self._failure(operation, f"{self.bucket}/{key}", error) from None
+
+    def _failure(self, operation: str, where: str, error: Exception) -> StorageError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(error, ClientError):
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return backend_failure("s3", operation, where, status, code)
+        endpoint = public_url(self._endpoint_url) if self._endpoint_url else self.endpoint
+        return StorageError(f"s3 {operation} {where} at {endpoint}: {type(error).__name__}")

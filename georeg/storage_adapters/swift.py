@@ -10,7 +10,9 @@ storage by the storage URL Swift returns.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from georeg.errors import ConfigError
@@ -50,6 +52,8 @@ def swift_key(prefix: str, path: str) -> str:
 
 class SwiftAdapter:
     """Reads objects with python-swiftclient; one connection per thread, as swiftclient's are not shared."""
+
+    list_page = 1000  # objects per listing request
 
     def __init__(self, parameters: dict[str, Any]) -> None:
         params = DriverParameters("swift", parameters, PARAMETERS)
@@ -134,6 +138,24 @@ class SwiftAdapter:
         key = self.key(path)
         answer = self._call("GET", key, lambda connection: connection.get_object(self.container, key))
         return None if answer is None else bytes(answer[1])
+
+    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        prefix = self.key(directory) + "/"
+        start = len(self.key("")) + 1  # swift_key("") is "<prefix>/files", without its trailing '/'
+        marker = ""
+        while True:
+            answer = self._call("LIST", prefix, functools.partial(self._list_page, prefix, marker))
+            page = [] if answer is None else answer[1]  # no container yet: the registry makes it on its first write
+            for listed in page:
+                # The registry's driver writes large objects as segments under a zero-byte manifest
+                # object: the listing shows 0 bytes, a HEAD the segments' total.
+                yield listed["name"][start:], int(listed["bytes"]) or None
+            if not page:
+                return
+            marker = page[-1]["name"]
+
+    def _list_page(self, prefix: str, marker: str, connection: Any) -> Any:
+        return connection.get_container(self.container, prefix=prefix, marker=marker, limit=self.list_page)
 
     def _call(self, operation: str, key: str, action: Any) -> Any:
         try:

@@ -83,6 +83,12 @@ def tag_link_path(repository: str, tag: str) -> str:
     return f"{REGISTRY_ROOT}/repositories/{repository}/_manifests/tags/{tag}/current/link"
 
 
+def tag_index_link_path(repository: str, tag: str, digest: str) -> str:
+    return (
+        f"{REGISTRY_ROOT}/repositories/{repository}/_manifests/tags/{tag}/index/sha256/{digest.split(':', 1)[1]}/link"
+    )
+
+
 @dataclass
 class WrittenImage:
     repository: str
@@ -107,8 +113,7 @@ def write_image(backend: Backend, root: str, repository: str, tag: str, layer_si
     backend.put(root, blob_path(image.manifest_digest), image.manifest)
     backend.put(root, revision_link_path(repository, image.manifest_digest), image.manifest_digest.encode())
     backend.put(root, tag_link_path(repository, tag), image.manifest_digest.encode())
-    index_link = f"{REGISTRY_ROOT}/repositories/{repository}/_manifests/tags/{tag}/index/sha256/"
-    backend.put(root, index_link + image.manifest_digest.split(":", 1)[1] + "/link", image.manifest_digest.encode())
+    backend.put(root, tag_index_link_path(repository, tag, image.manifest_digest), image.manifest_digest.encode())
     return image
 
 

@@ -8,7 +8,15 @@ import pytest
 
 from georeg.errors import ConfigError
 from georeg.storage_adapters import StorageError, blob_size, has_manifest_revision, tag_digest
-from tests.storage_adapters.backends import Backend, sha256, write_image
+from tests.storage_adapters.backends import (
+    Backend,
+    blob_path,
+    revision_link_path,
+    sha256,
+    tag_index_link_path,
+    tag_link_path,
+    write_image,
+)
 
 ABSENT = sha256(b"never written")
 
@@ -32,6 +40,28 @@ def test_connect_ahead_then_read_from_many_threads(backend: Backend, root: str) 
         sizes = list(threads.map(lambda digest: blob_size(adapter, digest), [image.layer_digest, ABSENT] * 4))
 
     assert sizes == [1500, None] * 4
+
+
+def test_listing_gives_every_object_under_a_directory_with_its_size_across_pages(backend: Backend, root: str) -> None:
+    image = write_image(backend, root, "group/app", "v1", layer_size=2500)
+    write_image(backend, root, "group/app2", "v1")  # its name starts like group/app's: not listed with it
+    adapter = backend.build(backend.params(root))
+    adapter.list_page = 2  # type: ignore[attr-defined]  # pages of two objects: paging is exercised
+
+    repository = dict(adapter.list_objects("docker/registry/v2/repositories/group/app"))
+    blobs = dict(adapter.list_objects("docker/registry/v2/blobs/"))
+
+    assert repository == {
+        revision_link_path("group/app", image.manifest_digest): len(image.manifest_digest),
+        tag_link_path("group/app", "v1"): len(image.manifest_digest),
+        tag_index_link_path("group/app", "v1", image.manifest_digest): len(image.manifest_digest),
+    }
+    assert blobs[blob_path(image.layer_digest)] == 2500
+    assert blobs[blob_path(image.manifest_digest)] == len(image.manifest)
+    assert len(blobs) == 4  # both images' layer and manifest
+    assert list(adapter.list_objects("docker/registry/v2/absent/")) == []
+    elsewhere = backend.build(backend.params(root + "-elsewhere"))
+    assert list(elsewhere.list_objects("docker/registry/v2/blobs/")) == []
 
 
 def test_tag_digest_and_manifest_revision(backend: Backend, root: str) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from georeg.storage_adapters import blob_size, build_adapter, has_manifest_revision, tag_digest
+from georeg.storage_adapters import BlobInventory, blob_size, build_adapter, has_manifest_revision, tag_digest
+from georeg.storage_adapters.base import blob_path
 from tests.support.emulators import MotoServer, SwiftNode
 from tests.support.images import Pusher, build_image, build_index
 from tests.support.registry import RegistryProcess
@@ -56,6 +57,12 @@ def test_the_adapter_finds_what_the_registry_wrote(registry: RegistryProcess) ->
     assert tag_digest(adapter, "group/app", "v1") == image.digest
     assert tag_digest(adapter, "group/app", "v2") is None
     assert not has_manifest_revision(adapter, "group/other", image.digest)
+    # One listing of the blob store finds the same blobs, under the same paths, as a shared backfill reads it.
+    inventory = BlobInventory(adapter)
+    for blob in image.blobs:
+        assert inventory.object_size(blob_path(blob.digest)) == blob.size
+    assert inventory.object_size(blob_path(image.digest)) == len(image.manifest)
+    assert inventory.listings == 1
 
 
 def test_tags_moved_and_indexes_are_seen(registry: RegistryProcess) -> None:

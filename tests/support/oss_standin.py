@@ -1,8 +1,9 @@
 """A stand-in for Alibaba Cloud OSS, not an emulator: no OSS emulator exists, so the oss adapter is
-tested against this small HTTP server that answers the few object calls oss2 makes (PUT bucket,
-PUT / HEAD / GET object) in OSS's wire format, path-style (`/<bucket>/<key>`, what oss2 sends to
-an IP address) or virtual-hosted (`Host: <bucket>.<endpoint>`). Signatures are not checked; every
-request is recorded, so tests can check what the adapter sent (method, path, signed or not).
+tested against this small HTTP server that answers the few calls oss2 makes (PUT bucket, PUT / HEAD /
+GET object, and GET bucket, which lists objects by prefix a page at a time) in OSS's wire format,
+path-style (`/<bucket>/<key>`, what oss2 sends to an IP address) or virtual-hosted (`Host:
+<bucket>.<endpoint>`). Signatures are not checked; every request is recorded, so tests can check
+what the adapter sent (method, path, signed or not).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
+from xml.sax.saxutils import escape
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ def _handler(store: OssStandIn) -> type[BaseHTTPRequestHandler]:
 
         def _object(self) -> None:
             bucket, key = self._start()
+            if not key and self.command == "GET":
+                return self._list(bucket)
             with store._lock:
                 objects = store.buckets.get(bucket)
                 data = None if objects is None else objects.get(key)
@@ -138,6 +142,30 @@ def _handler(store: OssStandIn) -> type[BaseHTTPRequestHandler]:
                     "x-oss-object-type": "Normal",
                 },
             )
+
+        def _list(self, bucket: str) -> None:
+            query = {name: values[0] for name, values in parse_qs(urlsplit(self.path).query).items()}
+            prefix, marker, limit = query.get("prefix", ""), query.get("marker", ""), int(query.get("max-keys", "100"))
+            with store._lock:
+                objects = store.buckets.get(bucket)
+                listed = sorted((k, len(v)) for k, v in (objects or {}).items() if k.startswith(prefix) and k > marker)
+            if objects is None:
+                return self._error(404, "NoSuchBucket", bucket, "")
+            page, truncated = listed[:limit], len(listed) > limit
+            contents = "".join(
+                f"<Contents><Key>{escape(key)}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+                f'<ETag>"{uuid.uuid4().hex.upper()}"</ETag><Type>Normal</Type><Size>{size}</Size>'
+                "<StorageClass>Standard</StorageClass></Contents>"
+                for key, size in page
+            )
+            body = (
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult><Name>{bucket}</Name>'
+                f"<Prefix>{escape(prefix)}</Prefix><Marker>{escape(marker)}</Marker><MaxKeys>{limit}</MaxKeys>"
+                f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"
+                + (f"<NextMarker>{escape(page[-1][0])}</NextMarker>" if truncated else "")
+                + f"{contents}</ListBucketResult>"
+            ).encode()
+            self._answer(200, body, {"Content-Type": "application/xml"})
 
         do_HEAD = _object
         do_GET = _object
