@@ -5,6 +5,7 @@ Object keys are `<rootdirectory>/<path>` with the root's slashes trimmed, as the
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -158,39 +159,38 @@ class S3Adapter:
             return bytes(body.read())
 
     def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         prefix = directory_key(self.root, directory)
-        try:
-            for page in (
-                self.client()
-                .get_paginator("list_objects_v2")
-                .paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.list_page})
-            ):
+        with self._failures("LIST", prefix):
+            paginator = self.client().get_paginator("list_objects_v2")
+            paging = {"PageSize": self.list_page}
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig=paging):
                 for item in page.get("Contents", ()):
                     yield relative_path(self.root, item["Key"]), int(item["Size"])
-        except (BotoCoreError, ClientError) as error:
-            raise self._failure("LIST", f"{self.bucket}/{prefix}", error) from None
 
     def _call(self, operation: str, path: str, method: str) -> dict[str, Any] | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        key = self.key(path)
-        try:
-            return dict(getattr(self.client(), method)(Bucket=self.bucket, Key=key))
-        except ClientError as error:
-            if str(error.response.get("Error", {}).get("Code", "")) in _NOT_FOUND:
-                return None
-            raise self._failure(operation, f"{self.bucket}/{key}", error) from None
-        except BotoCoreError as error:
-            raise self._failure(operation, f"{self.bucket}/{key}", error) from None
-
-    def _failure(self, operation: str, where: str, error: Exception) -> StorageError:
         from botocore.exceptions import ClientError
 
-        if isinstance(error, ClientError):
+        key = self.key(path)
+        with self._failures(operation, key):
+            try:
+                return dict(getattr(self.client(), method)(Bucket=self.bucket, Key=key))
+            except ClientError as error:
+                if str(error.response.get("Error", {}).get("Code", "")) in _NOT_FOUND:
+                    return None
+                raise
+
+    @contextlib.contextmanager
+    def _failures(self, operation: str, key: str) -> Iterator[None]:
+        """botocore's errors as StorageErrors that name the call and the object."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = f"{self.bucket}/{key}"
+        try:
+            yield
+        except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return backend_failure("s3", operation, where, status, code)
-        endpoint = public_url(self._endpoint_url) if self._endpoint_url else self.endpoint
-        return StorageError(f"s3 {operation} {where} at {endpoint}: {type(error).__name__}")
+            raise backend_failure("s3", operation, where, status, code) from None
+        except BotoCoreError as error:
+            endpoint = public_url(self._endpoint_url) if self._endpoint_url else self.endpoint
+            raise StorageError(f"s3 {operation} {where} at {endpoint}: {type(error).__name__}") from None
