@@ -110,7 +110,7 @@ class OssAdapter:
         with self._failures(operation, key):
             try:
                 return action(self.client())
-            except NoSuchBucket:
+            except NoSuchBucket:  # a NotFound too, but a missing bucket is an error, not an absent object
                 raise
             except NotFound:
                 return None

@@ -144,7 +144,7 @@ class SwiftAdapter:
         start = len(self.key("")) + 1  # swift_key("") is "<prefix>/files", without its trailing '/'
         marker = ""
         while True:
-            answer = self._call("LIST", prefix, functools.partial(self._list_page, prefix, marker))
+            answer = self._call("LIST", prefix, functools.partial(self._listing_page, prefix, marker))
             page = [] if answer is None else answer[1]  # no container yet: the registry makes it on its first write
             for listed in page:
                 # The registry's driver writes large objects as segments under a zero-byte manifest
@@ -154,7 +154,7 @@ class SwiftAdapter:
                 return
             marker = page[-1]["name"]
 
-    def _list_page(self, prefix: str, marker: str, connection: Any) -> Any:
+    def _listing_page(self, prefix: str, marker: str, connection: Any) -> Any:
         return connection.get_container(self.container, prefix=prefix, marker=marker, limit=self.list_page)
 
     def _call(self, operation: str, key: str, action: Any) -> Any:
