@@ -119,7 +119,7 @@ def _warm_engine(arguments: argparse.Namespace) -> int:
 
 def _backfill(arguments: argparse.Namespace) -> int:
     load_config()
-    from georeg.flows import backfill
+    from georeg.flows.backfill import backfill
 
     with _progress_bar():
         results = asyncio.run(backfill(arguments.secondary, arguments.dry_run))
@@ -139,7 +139,7 @@ def _backfill(arguments: argparse.Namespace) -> int:
 
 def _verify(arguments: argparse.Namespace) -> int:
     load_config()
-    from georeg.flows import verify
+    from georeg.flows.verify import verify
 
     with _progress_bar():
         results = asyncio.run(verify(arguments.secondary, arguments.deep))
@@ -283,7 +283,7 @@ def _keygen(arguments: argparse.Namespace) -> int:
 def _replicate(arguments: argparse.Namespace) -> int:
     reference = ImageReference.parse(arguments.image)
     load_config()  # fail on a bad config before paying for Prefect's start-up
-    from georeg.flows import replicate_image
+    from georeg.flows.replicate import replicate_image
 
     results = _run(replicate_image, reference, arguments.secondary)
     for result in results:
@@ -299,7 +299,7 @@ def _replicate(arguments: argparse.Namespace) -> int:
 def _delete(arguments: argparse.Namespace) -> int:
     reference = ImageReference.parse(arguments.image, default_tag=None)
     load_config()
-    from georeg.flows import delete_image
+    from georeg.flows.delete import delete_image
 
     for result in _run(delete_image, reference, arguments.secondary):
         restored = f", tags put back: {', '.join(result['restored_tags'])}" if result["restored_tags"] else ""

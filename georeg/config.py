@@ -178,8 +178,16 @@ class ReplicationConfig(_Strict):
     )
     request_timeout: float = Field(default=60.0, gt=0, le=3600)
     request_attempts: int = Field(default=4, ge=1, le=10, description="tries per request on transient errors")
-    task_retries: int = Field(default=3, ge=0, le=20, description="Prefect retries of a failed copy task")
-    retry_delay_seconds: float = Field(default=2.0, ge=0, le=600)
+    retries_per_image: int = Field(
+        default=8, ge=0, le=1000, description="request retries one image may spend in all, across its requests"
+    )
+    task_retries: int = Field(
+        default=2,
+        ge=0,
+        le=20,
+        description="Prefect retries of an image or repository failing where no request retried",
+    )
+    retry_delay_seconds: float = Field(default=2.0, ge=0, le=600, description="first task retry's wait; doubles")
 
 
 class BackfillConfig(_Strict):

@@ -24,7 +24,8 @@ import httpx
 
 from georeg.config import DispatchConfig, GeoregConfig
 from georeg.errors import GeoregError
-from georeg.state import REPLICATE, Claim, StateStore
+from georeg.events import REPLICATE
+from georeg.state import Claim, StateStore
 
 logger = logging.getLogger("georeg.dispatcher")
 
@@ -101,7 +102,8 @@ class InlineFlowRuns:
         self.prefect = SharedPrefectClient()
 
     async def run(self, claim: Claim, store: StateStore) -> None:
-        from georeg.flows import delete_image, replicate_image
+        from georeg.flows.delete import delete_image
+        from georeg.flows.replicate import replicate_image
 
         flow = replicate_image if claim.action == REPLICATE else delete_image
         async with self.prefect.installed():
@@ -124,7 +126,7 @@ class DeploymentFlowRuns:
 
     async def run(self, claim: Claim, store: StateStore) -> None:
         flow_run_id = claim.flow_run_id or await self._start(claim)
-        await store.set_flow_run(claim, flow_run_id)
+        await store.journal.set_flow_run(claim, flow_run_id)
         state = await self._wait(flow_run_id)
         if not state.is_completed():
             raise FlowRunFailed(f"flow run {flow_run_id} ended {state.type.value}: {state.message or ''}".strip())
@@ -174,7 +176,7 @@ class DeploymentFlowRuns:
         off, Prefect's client builds its own, as before."""
         from prefect.settings import get_current_settings
 
-        from georeg.registry.client import ca_bundle_context
+        from georeg.registry.tls import ca_bundle_context
 
         api = get_current_settings().api
         return None if api.tls_insecure_skip_verify else {"verify": ca_bundle_context(api.ssl_cert_file)}
@@ -233,7 +235,7 @@ class Dispatcher:
         """Start flow runs for due work, up to the concurrency bound; return how many started."""
         if time.time() < self._pause_until:
             return 0
-        claims = await self.store.claim_due(self.settings.concurrency - len(self._active))
+        claims = await self.store.journal.claim_due(self.settings.concurrency - len(self._active))
         for claim in claims:
             self._start(claim)
         return len(claims)
@@ -251,11 +253,13 @@ class Dispatcher:
 
     async def _resume_after_restart(self) -> None:
         """Rows left running by a previous process: watch their flow runs again, or run them anew."""
-        for claim in await self.store.running():
+        for claim in await self.store.journal.running():
             if claim.flow_run_id and isinstance(self.runs, DeploymentFlowRuns):
                 self._start(claim)
             else:
-                await self.store.release(claim)  # an inline run died with its process; replication is idempotent
+                await self.store.journal.release(
+                    claim
+                )  # an inline run died with its process; replication is idempotent
 
     def _start(self, claim: Claim) -> None:
         if self.observer:
@@ -267,16 +271,16 @@ class Dispatcher:
         try:
             await self.runs.run(claim, self.store)
             ok = True
-            if not await self.store.succeeded(claim):
+            if not await self.store.journal.succeeded(claim):
                 logger.info("%s: newer events arrived during the run; running again", _describe(claim))
         except PrefectUnavailable as error:
             logger.warning("%s; the work stays in the journal", error)
             self._pause_until = time.time() + self.settings.poll_seconds * 5
-            await self.store.release(claim)
+            await self.store.journal.release(claim)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # every failure of a run is recorded, whatever its kind
-            delay = await self.store.failed(
+            delay = await self.store.journal.failed(
                 claim,
                 f"{type(error).__name__}: {error}",
                 max_attempts=self.settings.max_attempts,

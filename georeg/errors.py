@@ -15,17 +15,25 @@
     ├── IntegrityError               bytes whose digest is not the one they were asked for
     └── ReplicationError             an image could not be made equal on a secondary
 
-`transient` tells the retry machinery (the client's request loop and the Prefect tasks' retry
-condition) whether another attempt can succeed, so nothing else has to parse messages.
+`transient` tells the retry machinery whether another attempt can succeed, so nothing else has to
+parse messages; `exhausted` says that one layer has already retried it as often as its budget allows,
+so no layer above retries it again (the policy: `georeg.retries`).
 """
 
 from __future__ import annotations
 
 
 class GeoregError(Exception):
-    """Root of georeg's errors. `transient` says whether retrying may help."""
+    """Root of georeg's errors. `transient` says whether retrying may help, `exhausted` whether a
+    layer already spent its retries on it."""
 
     transient: bool = False
+    exhausted: bool = False
+
+    @property
+    def worth_retrying(self) -> bool:
+        """Whether the layer that sees this error should try again."""
+        return self.transient and not self.exhausted
 
 
 class ConfigError(GeoregError):

@@ -14,13 +14,24 @@ from typing import Any
 from georeg.errors import GeoregError, InvalidReference
 from georeg.references import validate_digest, validate_repository, validate_tag
 from georeg.registry.manifests import MANIFEST_MEDIA_TYPES
-from georeg.state import DELETE, REPLICATE, AcceptedEvent
 
 EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
+# What an accepted event asks of each secondary.
+REPLICATE, DELETE = "replicate", "delete"
 
 
 class InvalidEvents(GeoregError):
     """The envelope or one of its events is malformed; the message says where."""
+
+
+@dataclass(frozen=True)
+class AcceptedEvent:
+    """A registry event the receiver keeps: a manifest push (replicate) or a delete."""
+
+    event_id: str
+    action: str  # REPLICATE or DELETE
+    repository: str
+    reference: str
 
 
 @dataclass(frozen=True)

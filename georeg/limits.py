@@ -77,7 +77,7 @@ class RegistryPause:
             from sqlalchemy.exc import SQLAlchemyError  # only with a store: an event flow never imports it
 
             try:
-                await self._store.pause_registry(self.name, until)
+                await self._store.pauses.pause(self.name, until)
             except SQLAlchemyError as error:  # the pause still holds here; the others learn of it by their own 429
                 logger.warning("could not share the pause of %s: %s", self.name, error)
 
@@ -91,7 +91,7 @@ class RegistryPause:
                 return
             self._looked_at = time.monotonic()
             try:
-                self._until = max(self._until, await self._store.registry_paused_until(self.name))
+                self._until = max(self._until, await self._store.pauses.paused_until(self.name))
             except SQLAlchemyError as error:
                 logger.warning("could not read the pause of %s: %s", self.name, error)
 

@@ -98,7 +98,7 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         except InvalidEvents as error:
             return refuse(400, "invalid", str(error))
         try:
-            new = await store.record_events(classified.accepted, secondaries) if classified.accepted else 0
+            new = await store.journal.record_events(classified.accepted, secondaries) if classified.accepted else 0
         except SQLAlchemyError as error:
             # Not the request's fault: the registry keeps the event and delivers it again.
             logger.error("journal unavailable: %s", error)
@@ -117,7 +117,7 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         return JSONResponse(await collect_status(config, store))
 
     async def metrics_endpoint(request: Request) -> Response:
-        metrics.journal_depth.set(await store.depth())
+        metrics.journal_depth.set(await store.journal.depth())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager

@@ -1,35 +1,30 @@
 """Making one image on a secondary equal to the primary's: the procedure, as plain async functions.
 
-The Prefect tasks in `georeg.tasks` wrap these one-to-one; everything here runs and is tested
-without Prefect. The order is what keeps a secondary honest: every blob is in the repository
-before any manifest that references it, child manifests before their index, and the tag last,
-so a failure at any point leaves no manifest on the secondary that points at something missing.
+`replicate` is the one procedure: the event flow and the backfill both call it (the Prefect task
+`copy-image` wraps it), and everything here runs and is tested without Prefect. The order is what
+keeps a secondary honest: every blob is in the repository before any manifest that references it,
+child manifests before their index, and the tag last, so a failure at any point leaves no manifest on
+the secondary that points at something missing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import logging
+import time
 import weakref
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import TypeVar
 
-import httpx
-
-from georeg.errors import IntegrityError, NotFound, ReplicationError, TransientRegistryError
-from georeg.references import ImageReference, is_digest
+from georeg.blob_copy import BlobCopy, BlobOutcome, copy_blob
+from georeg.concurrency import all_or_nothing, bounded
+from georeg.config import ReplicationConfig
+from georeg.errors import ReplicationError
+from georeg.references import ImageReference
 from georeg.registry import Descriptor, Manifest, RegistryClient
+from georeg.retries import retry_budget
 from georeg.storage_adapters import StorageAdapter
 from georeg.storage_adapters import blob_size as storage_blob_size
-
-logger = logging.getLogger("georeg.replication")
-T = TypeVar("T")
-
 
 # --- what an image is made of --------------------------------------------------------------------
 
@@ -70,222 +65,6 @@ async def resolve_image(primary: RegistryClient, reference: ImageReference) -> R
     return ResolvedImage(reference, tuple(unique))
 
 
-# --- blobs ---------------------------------------------------------------------------------------
-
-
-class BlobOutcome(str, Enum):
-    PRESENT = "present"  # already linked in the repository: nothing sent
-    MOUNTED = "mounted"  # linked from another repository of the secondary: nothing sent
-    COPIED = "copied"  # streamed from the primary
-    SHARED = "shared"  # in the storage both registries share: nothing sent
-
-
-@dataclass(frozen=True)
-class BlobCopy:
-    digest: str
-    outcome: BlobOutcome
-    bytes_sent: int
-    bytes_skipped: int = 0
-
-
-class BlobLocations:
-    """Which repository of a registry is known to hold a blob, so the next image can mount it, and
-    which blobs are being copied right now, so concurrent copies of one blob send it only once.
-
-    Advisory and bounded: a wrong entry costs one refused mount, which falls back to an upload.
-    """
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._capacity = capacity
-        self._known: OrderedDict[tuple[str, str], str] = OrderedDict()
-        # Per event loop: asyncio events cannot be shared between loops (tests run one per test).
-        self._copying: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], asyncio.Event]] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    async def wait_for_copies(self, registry_url: str, digest: str) -> bool:
-        """Return once no copy of this blob to this registry is under way; whether there was one."""
-        copying = self._copying.get(asyncio.get_running_loop(), {})
-        waited = False
-        while (done := copying.get((registry_url, digest))) is not None:
-            waited = True
-            await done.wait()
-        return waited
-
-    @contextlib.contextmanager
-    def copying(self, registry_url: str, digest: str) -> Iterator[None]:
-        """Mark a copy of this blob as under way while the block runs."""
-        copying = self._copying.setdefault(asyncio.get_running_loop(), {})
-        done = copying[(registry_url, digest)] = asyncio.Event()
-        try:
-            yield
-        finally:
-            del copying[(registry_url, digest)]
-            done.set()
-
-    def remember(self, registry_url: str, digest: str, repository: str) -> None:
-        self._known[(registry_url, digest)] = repository
-        self._known.move_to_end((registry_url, digest))
-        while len(self._known) > self._capacity:
-            self._known.popitem(last=False)
-
-    def holder(self, registry_url: str, digest: str) -> str | None:
-        """The repository last known to hold the blob."""
-        return self._known.get((registry_url, digest))
-
-    def find(self, registry_url: str, digest: str, *, other_than: str) -> str | None:
-        repository = self._known.get((registry_url, digest))
-        return repository if repository != other_than else None
-
-
-# One per process: a backfill or a long-running receiver learns where blobs are as it copies.
-BLOB_LOCATIONS = BlobLocations()
-
-
-async def copy_blob(
-    primary: RegistryClient,
-    secondary: RegistryClient,
-    repository: str,
-    blob: Descriptor,
-    locations: BlobLocations = BLOB_LOCATIONS,
-    *,
-    fresh_repository: bool = False,
-) -> BlobCopy:
-    """Make `blob` present in `repository` on the secondary: skip, mount, or stream it across.
-
-    `fresh_repository` says the secondary listed no tag of the repository: then a small blob (one
-    PUT) is sent without a HEAD first, which would almost always answer 404. Should it be there after
-    all, the registry takes the same bytes again and nothing is wrong; a blob this process has put
-    in the repository itself is still asked for, so tags sharing layers do not send them twice."""
-    ask_first = (
-        not fresh_repository
-        or blob.size > secondary.settings.monolithic_max
-        or locations.holder(secondary.url, blob.digest) == repository
-    )
-    if ask_first and await secondary.blob_size(repository, blob.digest) is not None:
-        locations.remember(secondary.url, blob.digest, repository)
-        return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
-    # Another image (of this repository too: a backfill copies its tags at once) may be sending this
-    # blob: wait for it, then ask again, so that a blob shared by concurrent images travels once.
-    # The loop ends only when no copy was under way, with no await since: this copy is the only one.
-    while await locations.wait_for_copies(secondary.url, blob.digest):
-        if await secondary.blob_size(repository, blob.digest) is not None:
-            locations.remember(secondary.url, blob.digest, repository)
-            return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
-    with locations.copying(secondary.url, blob.digest):
-        mount_from = locations.find(secondary.url, blob.digest, other_than=repository)
-        location = await secondary.start_upload(repository, mount_from=mount_from, digest=blob.digest)
-        if location is None:
-            locations.remember(secondary.url, blob.digest, repository)
-            return BlobCopy(blob.digest, BlobOutcome.MOUNTED, 0, blob.size)
-        try:
-            # Limits that hold across workers: one slot of each registry while bytes move.
-            async with primary.limits.copy_slot(), secondary.limits.copy_slot():
-                if blob.size <= secondary.settings.monolithic_max:
-                    await _upload_whole(primary, secondary, repository, blob, location)
-                else:
-                    await _upload_in_chunks(primary, secondary, repository, blob, location)
-        except BaseException:
-            # Never leave an upload session behind; shielded so a cancelled task still cleans up.
-            await asyncio.shield(secondary.cancel_upload(location))
-            raise
-        locations.remember(secondary.url, blob.digest, repository)
-        return BlobCopy(blob.digest, BlobOutcome.COPIED, blob.size)
-
-
-async def _upload_whole(
-    primary: RegistryClient, secondary: RegistryClient, repository: str, blob: Descriptor, location: str
-) -> None:
-    """Small blobs: read, check, and send in one PUT."""
-    async with primary.open_blob(repository, blob.digest) as response:
-        data = b"".join([piece async for piece in response.aiter_raw()])
-    _check_digest(blob, hashlib.sha256(data), len(data))
-    await _commit(secondary, repository, blob, location, data)
-
-
-async def _upload_in_chunks(
-    primary: RegistryClient, secondary: RegistryClient, repository: str, blob: Descriptor, location: str
-) -> None:
-    """Large blobs: stream chunk by chunk through PATCH, hashing on the fly; memory stays one read buffer.
-
-    When a chunk fails (the network, the secondary, or a token that expired mid-stream), ask the
-    secondary how much it holds and resume from there, reading the primary from that offset with a
-    Range request, instead of starting the blob again from zero.
-    """
-    chunk_size = secondary.settings.chunk_size
-    hasher = hashlib.sha256()
-    offset = 0
-    resumes_left = secondary.settings.request_attempts
-    while offset < blob.size:
-        checkpoint, checkpoint_offset = hasher.copy(), offset
-        try:
-            async with primary.open_blob(repository, blob.digest, offset=offset) as response:
-                chunks = _Chunks(response.aiter_raw(), hasher)
-                while offset < blob.size:
-                    checkpoint, checkpoint_offset = hasher.copy(), offset
-                    length = min(chunk_size, blob.size - offset)
-                    location = await secondary.upload_chunk(location, chunks.take(length), length)
-                    offset += length
-        except (TransientRegistryError, httpx.TransportError) as failure:
-            if resumes_left == 0:
-                raise
-            resumes_left -= 1
-            received, location = await secondary.upload_offset(location)
-            if received != checkpoint_offset:
-                raise TransientRegistryError(
-                    f"{secondary.name}: upload of {blob.digest} holds {received} bytes, expected "
-                    f"{checkpoint_offset}; the copy restarts from zero"
-                ) from failure
-            logger.warning("%s; resuming %s at byte %d", failure, blob.digest, checkpoint_offset)
-            hasher, offset = checkpoint, checkpoint_offset
-    _check_digest(blob, hasher, offset)
-    await _commit(secondary, repository, blob, location, b"")
-
-
-class _Chunks:
-    """Cuts a byte stream into bodies of exact lengths, hashing what passes; holds at most one read."""
-
-    def __init__(self, source: AsyncIterator[bytes], hasher: hashlib._Hash) -> None:
-        self._source = source
-        self.hasher = hasher
-        self._leftover = b""
-
-    async def take(self, length: int) -> AsyncIterator[bytes]:
-        remaining = length
-        while remaining:
-            piece, self._leftover = self._leftover, b""
-            if not piece:
-                try:
-                    piece = await anext(self._source)
-                except StopAsyncIteration:
-                    raise TransientRegistryError(f"the primary's blob stream ended {remaining} bytes early") from None
-            if len(piece) > remaining:
-                piece, self._leftover = piece[:remaining], piece[remaining:]
-            self.hasher.update(piece)
-            remaining -= len(piece)
-            yield piece
-
-
-def _check_digest(blob: Descriptor, hasher: hashlib._Hash, size: int) -> None:
-    actual = "sha256:" + hasher.hexdigest()
-    if actual != blob.digest or size != blob.size:
-        raise IntegrityError(
-            f"the primary served {size} bytes hashing to {actual} for blob {blob.digest} ({blob.size} bytes): "
-            "the blob is corrupt on the primary; nothing was committed on the secondary"
-        )
-
-
-async def _commit(
-    secondary: RegistryClient, repository: str, blob: Descriptor, location: str, last_bytes: bytes
-) -> None:
-    try:
-        await secondary.complete_upload(location, blob.digest, last_bytes)
-    except NotFound:
-        # The commit may have landed before its answer was lost; an upload only vanishes once committed.
-        if await secondary.blob_size(repository, blob.digest) != blob.size:
-            raise
-
-
 # --- the whole image ----------------------------------------------------------------------------
 
 
@@ -295,6 +74,7 @@ class ImageReplication:
     digest: str
     manifests: int
     copies: tuple[BlobCopy, ...]
+    seconds: float = 0.0
 
     @property
     def bytes_copied(self) -> int:
@@ -307,30 +87,50 @@ class ImageReplication:
     def count(self, outcome: BlobOutcome) -> int:
         return sum(copy.outcome is outcome for copy in self.copies)
 
+    def summary(self) -> dict[str, object]:
+        """What a flow run returns and shows for the image."""
+        return {
+            "image": str(self.reference),
+            "digest": self.digest,
+            "manifests": self.manifests,
+            **{f"blobs_{outcome.value}": self.count(outcome) for outcome in BlobOutcome},
+            "bytes_copied": self.bytes_copied,
+            "bytes_skipped": self.bytes_skipped,
+            "seconds": round(self.seconds, 3),
+        }
+
 
 async def replicate(
     primary: RegistryClient,
     secondary: RegistryClient,
     reference: ImageReference,
+    settings: ReplicationConfig,
     *,
-    concurrency: int,
     shared_storage: StorageAdapter | None = None,
     fresh_repository: bool = False,
 ) -> ImageReplication:
-    """The whole procedure for one image in one call, for bulk work (backfill). The replicate-image
-    flow runs the same steps as separate Prefect tasks, for their retries and visibility.
+    """The one procedure that makes an image on a secondary equal to the primary's, for the event flow
+    and the backfill alike: resolve it on the primary, make every blob present, put the manifests
+    children first and the reference last, and make sure the secondary serves the primary's digest.
 
     With `shared_storage` (the secondary's storage, which the primary shares), nothing is copied:
     the image is confirmed instead. `fresh_repository`: the secondary listed no tag of the repository,
-    so its small blobs are sent without asking first whether it has them (see `copy_blob`)."""
-    image = await resolve_image(primary, reference)
-    if shared_storage is not None:
-        copies = await confirm_shared(secondary, shared_storage, image)  # what verifying would ask, it asks
-    else:
-        copies = await copy_blobs(primary, secondary, image, concurrency, fresh_repository=fresh_repository)
-        if not await put_manifests(secondary, image):
-            await verify_replica(secondary, image)
-    return ImageReplication(reference, image.digest, len(image.manifests), tuple(copies))
+    so its small blobs are sent without asking first whether it has them (see `copy_blob`).
+
+    Every request of the image draws its retries from one budget, `settings.retries_per_image`, so a
+    registry that is down costs a bounded number of requests however many blobs the image has."""
+    started = time.monotonic()
+    with retry_budget(settings.retries_per_image):
+        image = await resolve_image(primary, reference)
+        if shared_storage is not None:
+            copies = await confirm_shared(secondary, shared_storage, image)  # what verifying would ask, it asks
+        else:
+            copies = await copy_blobs(
+                primary, secondary, image, settings.concurrency, fresh_repository=fresh_repository
+            )
+            if not await put_manifests(secondary, image):
+                await verify_replica(secondary, image)
+    return ImageReplication(reference, image.digest, len(image.manifests), tuple(copies), time.monotonic() - started)
 
 
 async def confirm_shared(secondary: RegistryClient, storage: StorageAdapter, image: ResolvedImage) -> list[BlobCopy]:
@@ -374,18 +174,10 @@ async def copy_blobs(
 ) -> list[BlobCopy]:
     room = asyncio.Semaphore(concurrency)
     repository = image.reference.repository
-    return await asyncio.gather(
-        *(
-            bounded(room, copy_blob(primary, secondary, repository, blob, fresh_repository=fresh_repository))
-            for blob in image.blobs()
-        )
+    return await all_or_nothing(
+        bounded(room, copy_blob(primary, secondary, repository, blob, fresh_repository=fresh_repository))
+        for blob in image.blobs()
     )
-
-
-async def bounded(semaphore: asyncio.Semaphore, work: Awaitable[T]) -> T:
-    """Await `work` once `semaphore` has room: bounds how many copies run at once."""
-    async with semaphore:
-        return await work
 
 
 # --- manifests -----------------------------------------------------------------------------------
@@ -447,49 +239,3 @@ async def verify_replica(secondary: RegistryClient, image: ResolvedImage) -> Non
             f"{secondary.name} serves {image.reference} as {served.digest if served else 'nothing'} "
             f"after replication, expected {image.digest}"
         )
-
-
-# --- deletions -----------------------------------------------------------------------------------
-
-
-class DeletionOutcome(str, Enum):
-    KEPT = "kept"  # the primary still has it: nothing to delete (a later push re-created it)
-    ABSENT = "absent"  # the secondary did not have it either
-    REMOVED = "removed"
-
-
-@dataclass(frozen=True)
-class Deletion:
-    reference: ImageReference
-    outcome: DeletionOutcome
-    digest: str | None = None
-    restored_tags: tuple[str, ...] = field(default_factory=tuple)
-
-
-async def converge_deletion(primary: RegistryClient, secondary: RegistryClient, reference: ImageReference) -> Deletion:
-    """Remove from the secondary what the primary no longer has, and nothing more.
-
-    Registries delete by digest only, which drops every tag pointing at it; tags that the secondary
-    still has for the same digest are therefore put back right after the delete.
-    """
-    repository = reference.repository
-    if await primary.head_manifest(repository, reference.reference) is not None:
-        return Deletion(reference, DeletionOutcome.KEPT)
-    current = await secondary.head_manifest(repository, reference.reference)
-    if current is None:
-        return Deletion(reference, DeletionOutcome.ABSENT)
-    if is_digest(reference.reference):
-        await secondary.delete_manifest(repository, current.digest)
-        return Deletion(reference, DeletionOutcome.REMOVED, current.digest)
-
-    manifest = await secondary.get_manifest(repository, current.digest)
-    survivors = []
-    for tag in await secondary.tags(repository):
-        if tag != reference.reference:
-            other = await secondary.head_manifest(repository, tag)
-            if other is not None and other.digest == current.digest:
-                survivors.append(tag)
-    await secondary.delete_manifest(repository, current.digest)
-    for tag in survivors:
-        await secondary.put_manifest(repository, tag, manifest)
-    return Deletion(reference, DeletionOutcome.REMOVED, current.digest, tuple(survivors))

@@ -12,7 +12,8 @@ from typing import Any
 from georeg.config import GeoregConfig, SecondaryConfig
 from georeg.errors import GeoregError
 from georeg.sharing import decide_mode
-from georeg.state import FAILED, MISMATCH, PENDING, STARTED, SYNCED, VERIFIED, RunRecord, StateStore
+from georeg.state import RunRecord, StateStore
+from georeg.state.sync import FAILED, MISMATCH, PENDING, STARTED, SYNCED, VERIFIED
 
 STATUS_VERSION = 1
 _FAILURES_SHOWN = 10
@@ -29,10 +30,10 @@ async def collect_status(config: GeoregConfig, store: StateStore) -> dict[str, A
 
 async def _secondary_status(config: GeoregConfig, store: StateStore, secondary: SecondaryConfig) -> dict[str, Any]:
     name = secondary.name
-    states = list((await store.repository_states(name)).values())
+    states = list((await store.sync.repository_states(name)).values())
     count = Counter(state.state for state in states)
     verification = Counter(state.verification for state in states)
-    oldest = await store.oldest_owed_event(name)
+    oldest = await store.journal.oldest_owed_event(name)
     failing = sorted((s for s in states if s.state == FAILED), key=lambda s: s.updated_at, reverse=True)
     return {
         "name": name,
@@ -51,8 +52,8 @@ async def _secondary_status(config: GeoregConfig, store: StateStore, secondary: 
             "unverified": len(states) - verification[VERIFIED] - verification[MISMATCH],
         },
         "oldest_unsynced_event": _iso(oldest),
-        "last_backfill": _run(await store.last_run("backfill", name)),
-        "last_verification": _run(await store.last_run("verify", name)),
+        "last_backfill": _run(await store.runs.last("backfill", name)),
+        "last_verification": _run(await store.runs.last("verify", name)),
         "failures": [
             {
                 "repository": state.repository,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from georeg.backfill import tag_digests, tags_checksum
+from georeg.concurrency import bounded
 from georeg.config import ReplicationConfig
 from georeg.registry import Descriptor, RegistryClient
-from georeg.replication import bounded
+from georeg.repository_sync import tag_digests, tags_checksum
 
 _SHOWN = 5  # differences named in a failure message; the rest are counted
 

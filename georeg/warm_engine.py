@@ -135,7 +135,7 @@ def serve(path: Path) -> None:
         __import__(module)
     from prefect.logging.configuration import setup_logging
 
-    from georeg.registry.client import default_tls_context
+    from georeg.registry.tls import default_tls_context
 
     default_tls_context()  # loading the CA bundle costs each run 0.1 s otherwise
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from georeg.events import InvalidEvents, classify
+from georeg.events import DELETE, REPLICATE, AcceptedEvent, InvalidEvents, classify
 from georeg.registry.manifests import DOCKER_MANIFEST, OCI_INDEX
-from georeg.state import DELETE, REPLICATE, AcceptedEvent
 
 DIGEST = "sha256:" + "c" * 64
 

@@ -68,7 +68,7 @@ async def test_a_manifest_push_is_journaled_before_the_answer(receiver):
     response = await post(receiver, envelope(manifest_push()))
     assert response.status_code == 200
     assert response.json() == {"accepted": 1, "new": 1, "ignored": 0}
-    assert await receiver.store.depth() == 1
+    assert await receiver.store.journal.depth() == 1
 
 
 async def test_both_paths_and_both_secrets_are_accepted(receiver):
@@ -81,7 +81,7 @@ async def test_a_redelivered_event_is_recorded_once(receiver):
     await post(receiver, envelope(manifest_push("same")))
     again = await post(receiver, envelope(manifest_push("same")))
     assert again.status_code == 200 and again.json()["new"] == 0
-    assert await receiver.store.depth() == 1
+    assert await receiver.store.journal.depth() == 1
 
 
 async def test_events_georeg_does_not_need_are_acknowledged_and_dropped(receiver):
@@ -93,7 +93,7 @@ async def test_events_georeg_does_not_need_are_acknowledged_and_dropped(receiver
     }
     response = await post(receiver, envelope(pull, blob))
     assert response.status_code == 200 and response.json() == {"accepted": 0, "new": 0, "ignored": 2}
-    assert await receiver.store.depth() == 0
+    assert await receiver.store.journal.depth() == 0
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ async def test_bad_input_gets_a_4xx_and_leaves_nothing(receiver, request_kwargs,
     response = await post(receiver, body, **request_kwargs)
     assert response.status_code == status
     assert "error" in response.json()
-    assert await receiver.store.depth() == 0
+    assert await receiver.store.journal.depth() == 0
 
 
 async def test_random_bodies_never_produce_a_5xx(receiver):

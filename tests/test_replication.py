@@ -11,16 +11,9 @@ from georeg.errors import IntegrityError, NotFound
 from georeg.references import ImageReference
 from georeg.registry import Descriptor, RegistryClient
 from georeg.registry.auth import PULL_ONLY, PULL_PUSH_DELETE
-from georeg.replication import (
-    BlobLocations,
-    BlobOutcome,
-    DeletionOutcome,
-    converge_deletion,
-    copy_blob,
-    put_manifests,
-    resolve_image,
-    verify_replica,
-)
+from georeg.blob_copy import BlobLocations, BlobOutcome, copy_blob
+from georeg.deletion import DeletionOutcome, converge_deletion
+from georeg.replication import put_manifests, resolve_image, verify_replica
 from tests.conftest import RegistryPair
 from tests.support.images import Image, Pusher, build_image, build_index, random_blob
 from tests.support.proxy import FaultProxy
@@ -212,7 +205,7 @@ async def test_concurrent_tags_of_a_new_repository_send_a_shared_blob_once(
 ):
     """A backfill copies a repository's tags at once, without HEADs first: the layers every tag shares
     (and an image tagged twice) must still travel once, and every tag must arrive whole."""
-    from georeg.backfill import sync_repository
+    from georeg.repository_sync import sync_repository
 
     base = random_blob(2048)
     images = {f"v{number}": build_image("oci", layers=[base, random_blob(1024)]) for number in range(6)}

@@ -68,7 +68,7 @@ class Cluster:
         async def read() -> list[dict[str, Any]]:
             store = StateStore(self.state_url)
             try:
-                return await store.run_summaries("backfill-batch", "secondary")
+                return await store.runs.summaries("backfill-batch", "secondary")
             finally:
                 await store.close()
 
@@ -78,7 +78,7 @@ class Cluster:
         async def read() -> float:
             store = StateStore(self.state_url)
             try:
-                return await store.registry_paused_until(registry)
+                return await store.pauses.paused_until(registry)
             finally:
                 await store.close()
 
@@ -88,7 +88,7 @@ class Cluster:
         async def read() -> dict[str, str]:
             store = StateStore(self.state_url)
             try:
-                return {name: row.state for name, row in (await store.repository_states("secondary")).items()}
+                return {name: row.state for name, row in (await store.sync.repository_states("secondary")).items()}
             finally:
                 await store.close()
 

@@ -13,7 +13,8 @@ import yaml
 
 from georeg.config import RegistryConfig, ReplicationConfig, parse_config
 from georeg.errors import ConfigError, ReplicationError
-from georeg.flows import backfill, replicate_image
+from georeg.flows.backfill import backfill
+from georeg.flows.replicate import replicate_image
 from georeg.references import ImageReference
 from georeg.registry import RegistryClient
 from georeg.registry.auth import PULL_ONLY

@@ -10,18 +10,10 @@ from pathlib import Path
 import pytest
 
 from georeg.errors import ConfigError
-from georeg.state import (
-    DELETE,
-    FAILED,
-    PENDING,
-    REPLICATE,
-    STARTED,
-    SYNCED,
-    AcceptedEvent,
-    StateStore,
-    WorkItem,
-    database_url,
-)
+from georeg.events import DELETE, REPLICATE, AcceptedEvent
+from georeg.state import StateStore, database_url, journal
+from georeg.state.journal import PENDING, WorkItem
+from georeg.state.sync import FAILED, STARTED, SYNCED
 
 
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -46,13 +38,13 @@ def push(event_id: str, tag: str = "1.0") -> AcceptedEvent:
 async def rows(store: StateStore) -> list[WorkItem]:
     from sqlalchemy import select
 
-    async with store.transaction() as session:
+    async with store.database.transaction() as session:
         return list((await session.scalars(select(WorkItem).order_by(WorkItem.secondary))).all())
 
 
 async def test_an_event_is_owed_to_every_secondary_and_recorded_once(store):
-    assert await store.record_events([push("a")], ["east", "west"]) == 1
-    assert await store.record_events([push("a")], ["east", "west"]) == 0  # the registry delivered it again
+    assert await store.journal.record_events([push("a")], ["east", "west"]) == 1
+    assert await store.journal.record_events([push("a")], ["east", "west"]) == 0  # the registry delivered it again
     assert [(r.secondary, r.action, r.status) for r in await rows(store)] == [
         ("east", REPLICATE, PENDING),
         ("west", REPLICATE, PENDING),
@@ -61,75 +53,75 @@ async def test_an_event_is_owed_to_every_secondary_and_recorded_once(store):
 
 async def test_a_burst_to_one_tag_is_one_piece_of_work_for_the_latest(store):
     for number in range(20):
-        await store.record_events([push(f"burst-{number}")], ["east"])
+        await store.journal.record_events([push(f"burst-{number}")], ["east"])
     [row] = await rows(store)
-    claims = await store.claim_due(10)
+    claims = await store.journal.claim_due(10)
     assert len(claims) == 1 and claims[0].sequence == row.sequence
-    assert await store.claim_due(10) == []  # claimed work is not handed out twice
+    assert await store.journal.claim_due(10) == []  # claimed work is not handed out twice
 
 
 async def test_events_during_a_run_make_it_run_again(store):
-    await store.record_events([push("first")], ["east"])
-    [claim] = await store.claim_due(1)
-    await store.record_events([push("second")], ["east"])  # arrives while the run is going on
+    await store.journal.record_events([push("first")], ["east"])
+    [claim] = await store.journal.claim_due(1)
+    await store.journal.record_events([push("second")], ["east"])  # arrives while the run is going on
 
-    assert await store.succeeded(claim) is False
-    [again] = await store.claim_due(1)
+    assert await store.journal.succeeded(claim) is False
+    [again] = await store.journal.claim_due(1)
     assert again.sequence > claim.sequence
-    assert await store.succeeded(again) is True
+    assert await store.journal.succeeded(again) is True
     assert await rows(store) == []
 
 
 async def test_the_latest_event_decides_the_action(store):
-    await store.record_events([push("p")], ["east"])
-    await store.record_events([AcceptedEvent("d", DELETE, "group/app", "1.0")], ["east"])
-    [claim] = await store.claim_due(1)
+    await store.journal.record_events([push("p")], ["east"])
+    await store.journal.record_events([AcceptedEvent("d", DELETE, "group/app", "1.0")], ["east"])
+    [claim] = await store.journal.claim_due(1)
     assert claim.action == DELETE
 
 
 async def test_failures_back_off_grow_and_park_after_max_attempts(store):
-    await store.record_events([push("x")], ["east"])
+    await store.journal.record_events([push("x")], ["east"])
     delays = []
     for _ in range(3):
-        [claim] = await store.claim_due(1)
-        delays.append(await store.failed(claim, "boom", max_attempts=3, backoff_cap=1000))
-        async with store.transaction() as session:  # make it due again instead of waiting out the backoff
+        [claim] = await store.journal.claim_due(1)
+        delays.append(await store.journal.failed(claim, "boom", max_attempts=3, backoff_cap=1000))
+        async with store.database.transaction() as session:  # make it due again instead of waiting out the backoff
             from sqlalchemy import update
 
             await session.execute(update(WorkItem).values(next_attempt_at=time.time() - 1))
     [row] = await rows(store)
-    assert row.status == FAILED and row.attempts == 3 and row.last_error == "boom"
+    assert row.status == journal.FAILED and row.attempts == 3 and row.last_error == "boom"
     assert delays[2] > delays[0]
-    assert await store.claim_due(1) == []  # parked: visible, not retried until a new event
-    await store.record_events([push("y")], ["east"])
-    assert len(await store.claim_due(1)) == 1  # a new event revives it
+    assert await store.journal.claim_due(1) == []  # parked: visible, not retried until a new event
+    await store.journal.record_events([push("y")], ["east"])
+    assert len(await store.journal.claim_due(1)) == 1  # a new event revives it
 
 
 async def test_repository_states_are_written_in_bulk(store):
     """A backfill marks its repositories started in one go and records successes in batches, more rows
     than one statement takes; a failure recorded before still counts and a success clears it."""
     names = [f"group/app{number:04d}" for number in range(1234)]
-    await store.repository_failed("east", names[0], "boom", base=1, cap=10)
-    await store.set_repository_states("east", names, state=STARTED)
-    assert {row.state for row in (await store.repository_states("east")).values()} == {STARTED}
+    await store.sync.repository_failed("east", names[0], "boom", base=1, cap=10)
+    await store.sync.set_repository_states("east", names, state=STARTED)
+    assert {row.state for row in (await store.sync.repository_states("east")).values()} == {STARTED}
 
-    await store.repositories_synced("east", names[:1000])
+    await store.sync.repositories_synced("east", names[:1000])
 
-    states = await store.repository_states("east")
+    states = await store.sync.repository_states("east")
     assert len(states) == 1234 and states[names[-1]].state == STARTED
     assert states[names[0]].state == SYNCED and states[names[0]].retry_count == 0
     assert states[names[0]].last_failure is None and states[names[999]].last_synced_at is not None
-    assert not await store.repository_states("west")
+    assert not await store.sync.repository_states("west")
 
 
 async def test_running_rows_are_listed_for_recovery_and_can_be_released(store):
-    await store.record_events([push("r")], ["east"])
-    [claim] = await store.claim_due(1)
-    await store.set_flow_run(claim, "run-1")
-    [running] = await store.running()
+    await store.journal.record_events([push("r")], ["east"])
+    [claim] = await store.journal.claim_due(1)
+    await store.journal.set_flow_run(claim, "run-1")
+    [running] = await store.journal.running()
     assert running.flow_run_id == "run-1"
-    await store.release(running)
-    assert [c.id for c in await store.claim_due(1)] == [claim.id]
+    await store.journal.release(running)
+    assert [c.id for c in await store.journal.claim_due(1)] == [claim.id]
 
 
 def test_database_urls_map_to_the_async_drivers():
@@ -154,13 +146,13 @@ async def test_two_receivers_on_one_database_never_claim_the_same_row(receivers)
     """SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), BEGIN IMMEDIATE (SQLite): concurrent claims split the rows."""
     first, second = receivers
     events = [push(f"tag-{number}", tag=f"{number}.0") for number in range(150)]
-    assert await first.record_events(events, ["east", "west"]) == 150
+    assert await first.journal.record_events(events, ["east", "west"]) == 150
     all_ids = {row.id for row in await rows(first)}
     assert len(all_ids) == 300
 
     async def claim_all(store: StateStore) -> list[int]:
         claimed: list[int] = []
-        while batch := await store.claim_due(7):
+        while batch := await store.journal.claim_due(7):
             claimed.extend(claim.id for claim in batch)
         return claimed
 
@@ -171,7 +163,7 @@ async def test_two_receivers_on_one_database_never_claim_the_same_row(receivers)
     assert len(by_first) + len(by_second) == len(set(by_first) | set(by_second)), "a row was claimed twice"
     assert set(by_first).isdisjoint(by_second)
     assert set(by_first) | set(by_second) == all_ids
-    assert len(await first.running()) == 300
+    assert len(await first.journal.running()) == 300
 
 
 async def test_an_event_delivered_to_two_receivers_at_once_is_journaled_once(receivers):
@@ -179,18 +171,20 @@ async def test_an_event_delivered_to_two_receivers_at_once_is_journaled_once(rec
     for number in range(20):
         event = [push(f"twice-{number}", tag=f"{number}.0")]
         assert sorted(
-            await asyncio.gather(first.record_events(event, ["east"]), second.record_events(event, ["east"]))
+            await asyncio.gather(
+                first.journal.record_events(event, ["east"]), second.journal.record_events(event, ["east"])
+            )
         ) == [0, 1]
-    assert await first.depth() == 20
+    assert await first.journal.depth() == 20
 
 
 async def test_two_backfills_starting_at_once_get_one_lease(receivers):
     first, second = receivers
     for number in range(20):
         lease = f"backfill:east-{number}"
-        got = await asyncio.gather(first.acquire_lease(lease, "one", 60), second.acquire_lease(lease, "two", 60))
+        got = await asyncio.gather(first.leases.acquire(lease, "one", 60), second.leases.acquire(lease, "two", 60))
         [winner] = [holder for holder in got if holder is not None]  # the other one is told the lease is taken
-        assert await first.lease_holder(lease) == winner
+        assert await first.leases.holder(lease) == winner
 
 
 async def test_two_failures_of_a_new_repository_at_once_both_count(receivers):
@@ -198,18 +192,18 @@ async def test_two_failures_of_a_new_repository_at_once_both_count(receivers):
     for number in range(20):
         repository = f"group/new-{number}"
         await asyncio.gather(
-            first.repository_failed("east", repository, "one", base=1, cap=10),
-            second.repository_failed("east", repository, "two", base=1, cap=10),
+            first.sync.repository_failed("east", repository, "one", base=1, cap=10),
+            second.sync.repository_failed("east", repository, "two", base=1, cap=10),
         )
-        state = (await first.repository_states("east"))[repository]
+        state = (await first.sync.repository_states("east"))[repository]
         assert (state.state, state.retry_count) == (FAILED, 2)
 
 
 async def test_a_registry_pause_only_grows(store: StateStore):
-    assert await store.registry_paused_until("georeg-pause-registry-443") == 0.0
-    await store.pause_registry("georeg-pause-registry-443", 2000.0)
-    await store.pause_registry("georeg-pause-registry-443", 1000.0)  # a shorter pause does not cut it short
-    assert await store.registry_paused_until("georeg-pause-registry-443") == 2000.0
-    await store.pause_registry("georeg-pause-registry-443", 3000.0)
-    assert await store.registry_paused_until("georeg-pause-registry-443") == 3000.0
-    assert await store.registry_paused_until("georeg-pause-other-443") == 0.0
+    assert await store.pauses.paused_until("georeg-pause-registry-443") == 0.0
+    await store.pauses.pause("georeg-pause-registry-443", 2000.0)
+    await store.pauses.pause("georeg-pause-registry-443", 1000.0)  # a shorter pause does not cut it short
+    assert await store.pauses.paused_until("georeg-pause-registry-443") == 2000.0
+    await store.pauses.pause("georeg-pause-registry-443", 3000.0)
+    assert await store.pauses.paused_until("georeg-pause-registry-443") == 3000.0
+    assert await store.pauses.paused_until("georeg-pause-other-443") == 0.0

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from georeg.config import GeoregConfig, SecondaryConfig
-from georeg.errors import ReplicationError
+from georeg.errors import GeoregError, ReplicationError
 from georeg.limits import apply_limits
+from georeg.references import ImageReference
 from georeg.registry import RegistryClient, primary_client, secondary_client
 
 if TYPE_CHECKING:
@@ -82,15 +83,25 @@ class EventOutcomes:
         self._store: StateStore | None = None
         self._opening = asyncio.Lock()
 
-    async def record(self, secondary: str, repository: str, reference: str, error: Exception | None) -> None:
+    @contextlib.asynccontextmanager
+    async def recording(self, secondary: str, image: ImageReference) -> AsyncIterator[None]:
+        """Record how the block, the work for `image` on `secondary`, ended (a failure is raised on)."""
+        try:
+            yield
+        except GeoregError as error:
+            await self._record(secondary, image, error)
+            raise
+        await self._record(secondary, image, None)
+
+    async def _record(self, secondary: str, image: ImageReference, error: Exception | None) -> None:
         store = await self._open()
         if error is None:
-            await store.set_repository_state(secondary, repository)
+            await store.sync.set_repository_state(secondary, image.repository)
         else:
-            await store.repository_failed(
+            await store.sync.repository_failed(
                 secondary,
-                repository,
-                f"tag {reference}: {error}",
+                image.repository,
+                f"tag {image.reference}: {error}",
                 base=self.config.replication.retry_backoff_base_seconds,
                 cap=self.config.replication.retry_backoff_cap_seconds,
             )
@@ -130,3 +141,23 @@ def run_holder() -> str:
     from prefect.runtime import flow_run
 
     return str(flow_run.id or f"{socket.gethostname()}:{os.getpid()}")
+
+
+def run_name(kind: str) -> Callable[[], str]:
+    """A flow run name that says what the run does and to which secondary, e.g. "backfill of east
+    (dry run)": the UI lists runs by name, and Prefect's random ones ("deft-orca") say nothing."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        parameters = flow_run.parameters
+        words = [f"{kind} of {parameters.get('secondary') or 'every secondary'}"]
+        if parameters.get("repositories") is not None:
+            words.append(f"({len(parameters['repositories'])} repositories)")
+        if parameters.get("deep"):
+            words.append("(deep)")
+        if parameters.get("dry_run"):
+            words.append("(dry run)")
+        return " ".join(words)
+
+    return name

@@ -7,7 +7,6 @@ from typing import Any
 from prefect import flow
 
 from georeg.config import load_config
-from georeg.errors import GeoregError
 from georeg.flows.common import event_outcomes, for_each_secondary
 from georeg.references import ImageReference, validate_reference, validate_repository
 from georeg.registry import RegistryClient
@@ -24,16 +23,11 @@ async def delete_image(repository: str, reference: str, secondary: str | None = 
     """
     config = load_config()
     image_reference = ImageReference(validate_repository(repository), validate_reference(reference))
+    converge_deletion = with_retry_settings(converge_deletion_task, config.replication)
 
     async def delete_from(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
-        try:
-            deletion = await with_retry_settings(converge_deletion_task, config.replication)(
-                primary, target, image_reference
-            )
-        except GeoregError as error:
-            await outcomes.record(target.name, repository, reference, error)
-            raise
-        await outcomes.record(target.name, repository, reference, None)
+        async with outcomes.recording(target.name, image_reference):
+            deletion = await converge_deletion(primary, target, image_reference)
         return {
             "secondary": target.name,
             "image": str(image_reference),

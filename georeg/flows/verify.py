@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import acreate_table_artifact
 
+from georeg.concurrency import bounded
 from georeg.config import GeoregConfig, load_config
 from georeg.errors import ReplicationError
-from georeg.flows.common import for_each_secondary, open_state
+from georeg.flows.common import for_each_secondary, open_state, run_name
 from georeg.progress import Progress, artifact_key
 from georeg.registry import RegistryClient
-from georeg.replication import bounded
 from georeg.state import StateStore
-from georeg.tasks import list_repositories_task, verify_repository_task, with_retry_settings
+from georeg.tasks.repositories import list_repositories_task, verify_repository_task
+from georeg.tasks.retries import with_retry_settings
 from georeg.verification import RepositoryVerification
 
 
-@flow(name="verify")
+@flow(name="verify", flow_run_name=run_name("verify"))
 async def verify(secondary: str | None = None, deep: bool = False) -> list[dict[str, Any]]:
     """Compare each repository's (tag, digest) checksum on both sides; with `deep`, also check that
     every blob the secondary's manifests reference is there with the right size. A mismatch sends
@@ -39,7 +39,7 @@ async def _verify_secondary(
     config: GeoregConfig, store: StateStore, primary: RegistryClient, target: RegistryClient, deep: bool
 ) -> dict[str, Any]:
     settings = config.replication
-    run_id = await store.run_started("verify", target.name)
+    run_id = await store.runs.started("verify", target.name)
     repositories = await with_retry_settings(list_repositories_task, settings)(primary, target, settings)
     progress = Progress(artifact_key("verify", target.name), f"Verification of {target.name}", len(repositories))
     await progress.start()
@@ -47,7 +47,7 @@ async def _verify_secondary(
 
     async def verify_repository(repository: str) -> RepositoryVerification:
         result = await check(primary, target, repository, settings, deep)
-        await store.repository_verified(target.name, repository, result.failure())
+        await store.sync.repository_verified(target.name, repository, result.failure())
         await progress.advance()
         return result
 
@@ -69,7 +69,7 @@ async def _verify_secondary(
         "mismatched": len(mismatched),
         "blobs_checked": sum(r.blobs_checked for r in results),
     }
-    await store.run_finished(run_id, "failed" if mismatched else "completed", json.dumps(summary))
+    await store.runs.finished(run_id, "failed" if mismatched else "completed", summary)
     if mismatched:
         named = "; ".join(f"{r.repository}: {r.failure()}" for r in mismatched[:3])
         raise ReplicationError(f"{len(mismatched)} of {len(results)} repositories differ: {named}")

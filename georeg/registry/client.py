@@ -1,7 +1,8 @@
 """An async client for the registry HTTP API (distribution v2 / OCI), one connection pool per registry.
 
 Transient failures of a single request (connection errors, 5xx, 408, 429 with its Retry-After) are
-retried here and nowhere else, for requests whose body can be sent again. Streamed uploads cannot,
+retried here and nowhere else, for requests whose body can be sent again, within the request's own
+attempts and the retry budget of the operation it belongs to (`georeg.retries`). Streamed uploads cannot,
 so their failures surface as transient errors for the caller to resume. Every other answer becomes
 one of the typed errors in `georeg.errors`, carrying a message that says what to do.
 """
@@ -9,25 +10,18 @@ one of the typed errors in `georeg.errors`, carrying a message that says what to
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import functools
 import logging
-import random
 import re
-import ssl
-import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 
 import httpx
 
 from georeg.config import RegistryConfig, ReplicationConfig
 from georeg.errors import (
-    Denied,
     IntegrityError,
     InvalidRequest,
     NotFound,
@@ -35,23 +29,20 @@ from georeg.errors import (
     RateLimited,
     RegistryError,
     TransientRegistryError,
-    Unauthorized,
-    Unsupported,
 )
 from georeg.limits import RegistryLimits
+from georeg.registry.answers import error_from_response
 from georeg.registry.auth import build_auth
 from georeg.registry.manifests import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, Descriptor, Manifest
+from georeg.registry.tls import is_certificate_error, tls_verification
+from georeg.registry.transport import ConnectionPerSlot
+from georeg.retries import backoff_delay, take_retry
 
 logger = logging.getLogger("georeg.registry")
 
 _NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _MAX_RETRY_AFTER = 120.0
 _CATALOG_PAGE = 1000  # the registry refuses n > 1000
-_HINTS = {
-    401: "check this registry's auth settings (for jwt: key_file, issuer and service must match the registry)",
-    403: "the credentials lack permission for this repository",
-    405: "the registry refuses this operation; deletes need storage.delete.enabled: true",
-}
 
 
 @dataclass
@@ -86,7 +77,7 @@ class RegistryClient:
         # queued in httpcore's pool is compared with every connection each time any request starts or
         # ends, and with dozens of blob copies waiting that cost more CPU than the requests themselves.
         self._slots = asyncio.Semaphore(connections)
-        verify = _tls_verification(config)
+        verify = tls_verification(config)
         if transport is None and verify is not False:
             verify = httpx.create_ssl_context(verify=verify)  # loaded once, shared by every connection
         self._http = httpx.AsyncClient(
@@ -97,7 +88,7 @@ class RegistryClient:
             follow_redirects=True,  # blob GETs may redirect to object storage; httpx drops Authorization there
             verify=verify,
             headers={"User-Agent": "georeg"},
-            transport=transport or _ConnectionPerSlot(verify),
+            transport=transport or ConnectionPerSlot(verify),
         )
 
     async def __aenter__(self) -> RegistryClient:
@@ -287,7 +278,7 @@ class RegistryClient:
                         await self.limits.before_request()
                         response = await self._http.send(request)
             except httpx.TransportError as error:
-                if _is_certificate_error(error):
+                if is_certificate_error(error):
                     raise PermanentRegistryError(
                         f"{self.name}: TLS verification of {request.url.host} failed ({error}): set ca_file to the "
                         "CA that signed its certificate (insecure: true turns verification off, for testing only)",
@@ -310,43 +301,23 @@ class RegistryClient:
             else:
                 if response.status_code in expected:
                     return response
-                failure = await self._error_from(response, replayable=replayable)
+                failure = await error_from_response(self.name, response, replayable=replayable)
             delay = _retry_delay(failure, attempt)
             if isinstance(failure, RateLimited):
                 # Told to slow down: every request to this registry waits, from every worker, not only this one.
                 await self.limits.pause.extend(delay)
-            if not failure.transient or attempt == attempts:
+            if not failure.transient:
+                raise failure
+            if attempt == attempts or not take_retry():
+                # This loop is the layer that retries a replayable request: nothing above retries it again.
+                # A streamed body is resumed by its caller instead (see `georeg.retries`).
+                failure.exhausted = replayable
                 raise failure
             self.stats.retries += 1
             logger.warning("%s (attempt %d of %d, next in %.1fs)", failure, attempt, attempts, delay)
             if not isinstance(failure, RateLimited):  # a pause is waited out in before_request
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
-
-    async def _error_from(self, response: httpx.Response, *, replayable: bool) -> RegistryError:
-        await response.aread()
-        await response.aclose()
-        status = response.status_code
-        method = response.request.method
-        path = response.request.url.path  # never the query: upload locations carry signed state
-        code, detail = _registry_error(response)
-        message = (
-            f"{self.name}: {method} {path} -> {status}{f' {code}' if code else ''}{f': {detail}' if detail else ''}"
-        )
-        if status in _HINTS:
-            message += f" ({_HINTS[status]})"
-        kwargs = {"status": status, "code": code, "method": method, "url": path}
-        if status == 429:
-            return RateLimited(message, retry_after=_retry_after(response), **kwargs)
-        if status == 401 and not replayable:
-            # A token expired under a streamed upload: the auth flow dropped it, a new attempt mints anew.
-            return TransientRegistryError(message, **kwargs)
-        error_class = {400: InvalidRequest, 401: Unauthorized, 403: Denied, 404: NotFound, 405: Unsupported}.get(status)
-        if error_class is not None:
-            return error_class(message, **kwargs)
-        if status == 408 or status >= 500:
-            return TransientRegistryError(message, **kwargs)
-        return PermanentRegistryError(message, **kwargs)
 
     async def _pages(self, url: str) -> AsyncIterator[dict]:
         next_url: str | None = url
@@ -366,132 +337,11 @@ class RegistryClient:
 _ACCEPT = {"Accept": MANIFEST_ACCEPT}
 
 
-class _ConnectionPerSlot(httpx.AsyncBaseTransport):
-    """Many one-connection transports in place of one pool of many connections.
-
-    Every time a request starts or ends, httpcore's pool checks each of its connections (probing the
-    socket of every idle one) and counts the idle ones once per connection: with the 20 connections a
-    backfill keeps busy, that bookkeeping cost a third of georeg's CPU. A pool of one connection does
-    it for one. A request takes a free transport and gives it back when its response is closed;
-    RegistryClient's slots keep one free in the normal course, and when none is, one more is made."""
-
-    def __init__(self, verify: ssl.SSLContext | bool) -> None:
-        self._verify = verify
-        self._free: list[httpx.AsyncHTTPTransport] = []
-        self._every: list[httpx.AsyncHTTPTransport] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._free:
-            transport = self._free.pop()
-        else:
-            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-            transport = httpx.AsyncHTTPTransport(verify=self._verify, limits=limits)
-            self._every.append(transport)
-        try:
-            response = await transport.handle_async_request(request)
-        except BaseException:
-            self._free.append(transport)
-            raise
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _ReleasingStream(response.stream, lambda: self._free.append(transport))
-        return response
-
-    async def aclose(self) -> None:
-        for transport in self._every:
-            await transport.aclose()
-
-
-class _ReleasingStream(httpx.AsyncByteStream):
-    """A response body that hands its connection's transport back once closed."""
-
-    def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
-        self._stream = stream
-        self._release: Callable[[], None] | None = release
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        release, self._release = self._release, None
-        try:
-            await self._stream.aclose()
-        finally:
-            if release is not None:
-                release()
-
-
 def _media_type(response: httpx.Response) -> str:
     return response.headers.get("Content-Type", "").split(";")[0].strip()
-
-
-def _registry_error(response: httpx.Response) -> tuple[str, str]:
-    """The first entry of the registry's `{"errors": [...]}` body, as (code, message)."""
-    try:
-        errors = response.json().get("errors") or []
-        first = errors[0]
-        return str(first.get("code", "")), str(first.get("message", ""))
-    except (ValueError, AttributeError, IndexError, TypeError):
-        return "", response.reason_phrase
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
 def _retry_delay(failure: RegistryError, attempt: int) -> float:
     if isinstance(failure, RateLimited) and failure.retry_after is not None:
         return min(failure.retry_after, _MAX_RETRY_AFTER)
-    # Exponential backoff with full jitter: 0.25 s, 0.5 s, 1 s, ... spread so callers do not retry in step.
-    return random.uniform(0.5, 1.0) * min(8.0, 0.25 * 2 ** (attempt - 1))
-
-
-def _is_certificate_error(error: BaseException) -> bool:
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-def default_tls_context() -> ssl.SSLContext:
-    """The TLS context of registries without a ca_file (the system's CAs), built once per process.
-    A warm engine builds it before it forks, so that the flow runs it starts inherit it."""
-    return _tls_context(None, None)
-
-
-def ca_bundle_context(ca_file: str | Path | None) -> ssl.SSLContext:
-    """The TLS context that trusts `ca_file` (the system's CAs when None), built once per bundle and process."""
-    if ca_file is None:
-        return default_tls_context()
-    try:
-        stat = Path(ca_file).stat()
-        version = (stat.st_mtime_ns, stat.st_size)  # a replaced bundle gets a context of its own
-    except OSError:
-        version = None  # let ssl report the missing file
-    return _tls_context(str(ca_file), version)
-
-
-def _tls_verification(config: RegistryConfig) -> ssl.SSLContext | bool:
-    return False if config.insecure else ca_bundle_context(config.ca_file)
-
-
-@functools.lru_cache(maxsize=16)
-def _tls_context(ca_file: str | None, version: tuple[int, int] | None) -> ssl.SSLContext:
-    """One TLS context per CA bundle and process, shared by every client (an SSLContext is safe to share).
-
-    Building one loads the whole CA bundle, about 0.1 s: httpx would do it for every client, even one
-    that only speaks plain HTTP (a blob GET may still redirect to https storage), which put 0.2 s of
-    certificate parsing at the start of every replication.
-    """
-    if ca_file is not None:
-        return ssl.create_default_context(cafile=ca_file)
-    return httpx.create_ssl_context()
+    return backoff_delay(attempt, base=0.25, cap=8.0)

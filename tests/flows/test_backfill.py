@@ -13,7 +13,8 @@ import yaml
 
 from georeg.config import load_config
 from georeg.errors import ReplicationError
-from georeg.flows import backfill, verify
+from georeg.flows.backfill import backfill
+from georeg.flows.verify import verify
 from georeg.state import StateStore
 from tests.conftest import RegistryPair
 from tests.support.images import Image, Pusher, build_image, build_index, build_signature
@@ -81,7 +82,7 @@ def status_json(config: Path) -> dict:
 async def repository_states(config_path: Path) -> dict:
     store = StateStore(load_config(config_path).state.url)
     try:
-        return await store.repository_states("secondary")
+        return await store.sync.repository_states("secondary")
     finally:
         await store.close()
 
@@ -250,7 +251,7 @@ async def test_a_second_backfill_does_not_overlap_a_running_one(fresh_pair, writ
     config = write_config(pair.primary.url, pair.secondary.url)
     store = StateStore(load_config(config).state.url)
     await store.create_tables()
-    assert await store.acquire_lease("backfill:secondary", "another-run", 60) == "another-run"
+    assert await store.leases.acquire("backfill:secondary", "another-run", 60) == "another-run"
     try:
         [result] = await backfill()
     finally:

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from georeg.errors import Denied, NotFound, ReplicationError
-from georeg.flows import delete_image, replicate_image
+from georeg.errors import Denied, NotFound, ReplicationError, TransientRegistryError
+from georeg.flows.delete import delete_image
+from georeg.flows.replicate import replicate_image
 from tests.conftest import RegistryPair
 from tests.support.images import Pusher, build_image, build_index, build_signature, random_blob
 from tests.support.proxy import FaultProxy
@@ -104,29 +105,73 @@ def _expired_challenge() -> dict[str, str]:
     return {"WWW-Authenticate": 'Bearer realm="x",service="container_registry",error="invalid_token"'}
 
 
-async def test_transient_faults_are_retried_until_the_copy_succeeds(
+async def test_transient_faults_of_a_request_are_retried_by_the_request_alone(
     token_registry_pair, write_config, primary_proxy, repo_name
 ):
     pair = token_registry_pair
     image = build_image("docker", layer_sizes=[2000, 3000])
     with primary_pusher(pair) as pusher:
         pusher.push_image(repo_name, image, "v1")
-    write_config(
-        primary_proxy.url, pair.secondary.url, token_setup=pair.token_setup, replication={"request_attempts": 2}
-    )
+    write_config(primary_proxy.url, pair.secondary.url, token_setup=pair.token_setup)
     primary_proxy.add_fault("GET", "/blobs/sha256:", status=500, times=1)
     primary_proxy.add_fault("GET", "/blobs/sha256:", reset=True, times=1)
     primary_proxy.add_fault("GET", "/blobs/sha256:", status=429, times=1, headers={"Retry-After": "1"})
-    # As many 503s as one request's attempts: only the Prefect task's retry gets past these.
     primary_proxy.add_fault("GET", "/manifests/v1", status=503, times=2)
 
     [result] = await replicate_image(repo_name, "v1")
 
+    # The image was resolved once: the request retried, the task did not run again.
     assert [r.status for r in primary_proxy.requests if r.path.endswith("/manifests/v1")] == [503, 503, 200]
     assert {500, 0, 429} <= {r.status for r in primary_proxy.requests}
     assert result["digest"] == image.digest
     with secondary_pusher(pair) as secondary:
         assert secondary.head_manifest(repo_name, "v1") == image.digest
+
+
+async def test_a_blob_stream_that_breaks_is_retried_by_the_task(
+    token_registry_pair, write_config, primary_proxy, repo_name
+):
+    pair = token_registry_pair
+    image = build_image("docker", layer_sizes=[3000])
+    layer = image.blobs[1].digest
+    with primary_pusher(pair) as pusher:
+        pusher.push_image(repo_name, image, "v1")
+    write_config(
+        primary_proxy.url, pair.secondary.url, token_setup=pair.token_setup, replication={"retry_delay_seconds": 0}
+    )
+    # The headers promise the whole blob; the body stops after one byte, and the connection closes.
+    primary_proxy.add_fault("GET", f"/blobs/{layer}", status=200, body=b"x", headers={"Content-Length": "3000"})
+
+    [result] = await replicate_image(repo_name, "v1")
+
+    assert [r.status for r in primary_proxy.requests if r.path.endswith(f"/blobs/{layer}")] == [200, 200]
+    assert primary_proxy.count("GET", "/manifests/v1") == 2  # the whole image again, by the task's retry
+    assert result["digest"] == image.digest
+    with secondary_pusher(pair) as secondary:
+        assert secondary.blob_exists(repo_name, layer)
+
+
+async def test_a_secondary_down_for_good_costs_a_bounded_number_of_requests(
+    token_registry_pair, write_config, primary_proxy, secondary_proxy, repo_name
+):
+    """Retries do not multiply: each request retries within the image's one budget, and what a request
+    has retried is not retried again by the task around it."""
+    pair = token_registry_pair
+    image = build_image("oci", layer_sizes=[1000] * 6)
+    with primary_pusher(pair) as pusher:
+        pusher.push_image(repo_name, image, "v1")
+    budget = {"retries_per_image": 5, "request_attempts": 4, "task_retries": 3, "retry_delay_seconds": 0}
+    write_config(primary_proxy.url, secondary_proxy.url, token_setup=pair.token_setup, replication=budget)
+    secondary_proxy.add_fault(None, "/v2/", status=503, times=100_000)
+
+    with pytest.raises(TransientRegistryError, match=r"secondary: HEAD .*/blobs/.* -> 503") as failure:
+        await replicate_image(repo_name, "v1")
+
+    assert failure.value.exhausted
+    sent = len(secondary_proxy.requests)
+    # One first attempt per blob at most, then the image's 5 retries: not 7 blobs x 4 attempts x 4 task runs.
+    assert len(image.blobs) <= sent <= len(image.blobs) + budget["retries_per_image"]
+    assert primary_proxy.count("GET", "/manifests/v1") == 1  # the task did not run again
 
 
 async def test_a_permanent_error_fails_fast_and_claims_nothing(

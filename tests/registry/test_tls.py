@@ -79,7 +79,7 @@ async def test_insecure_turns_verification_off(tls_registry):
 
 
 def test_clients_share_one_tls_context_per_ca_bundle_and_a_replaced_bundle_is_read_again(tmp_path: Path):
-    from georeg.registry.client import _tls_verification
+    from georeg.registry.tls import tls_verification as _tls_verification
 
     # Building a context parses the whole CA bundle (about 0.1 s): once per process, not per client.
     default = RegistryConfig(url="http://127.0.0.1:5000")

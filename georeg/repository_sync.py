@@ -1,4 +1,4 @@
-"""Bringing whole repositories on a secondary level with the primary: the backfill's logic.
+"""Bringing whole repositories on a secondary level with the primary: what a backfill does per repository.
 
 For each repository: compare tag -> digest on both sides (HEADs with every manifest media type, so
 indexes are never skipped), replicate what is missing or different, remove what the primary no
@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
+from georeg.blob_copy import BlobOutcome
+from georeg.concurrency import bounded
 from georeg.config import ReplicationConfig
+from georeg.deletion import DeletionOutcome, converge_deletion
 from georeg.errors import GeoregError, NotFound
 from georeg.references import ImageReference
 from georeg.registry import RegistryClient
-from georeg.replication import BlobOutcome, DeletionOutcome, bounded, converge_deletion, replicate
+from georeg.replication import replicate
 from georeg.storage_adapters import StorageAdapter
 
 _HEADS_IN_FLIGHT = 16
@@ -147,7 +151,7 @@ async def sync_repository(
                 primary,
                 secondary,
                 ImageReference(repository, tag),
-                concurrency=settings.concurrency,
+                settings,
                 shared_storage=shared_storage,
                 fresh_repository=fresh,
             )
@@ -188,4 +192,46 @@ async def sync_repository(
 
 def _record_failure(result: RepositorySync, tag: str, error: GeoregError) -> None:
     result.failed[tag] = str(error)
-    result.transient = result.transient or error.transient
+    result.transient = result.transient or error.worth_retrying
+
+
+# The counts a backfill's summary adds up over repositories (and a fanned-out backfill over its batches).
+COUNTS = (
+    "synced",
+    "failed",
+    "tags_replicated",
+    "tags_confirmed",
+    "tags_removed",
+    "tags_unchanged",
+    "bytes_copied",
+    "bytes_skipped",
+)
+_FAILURES_SHOWN = 3
+
+
+def summarise(results: list[RepositorySync]) -> dict[str, Any]:
+    """The counts of a backfill (or of one batch of it) over its repositories, and the first failures."""
+    failed = [result for result in results if not result.ok]
+    return {
+        "synced": len(results) - len(failed),
+        "failed": len(failed),
+        "failures": [f"{r.repository} ({r.failure_summary()})" for r in failed[:_FAILURES_SHOWN]],
+        "tags_replicated": sum(len(r.copied) for r in results),
+        "tags_confirmed": sum(len(r.confirmed) for r in results),
+        "tags_removed": sum(len(r.removed) for r in results),
+        "tags_unchanged": sum(r.unchanged for r in results),
+        "bytes_copied": sum(r.bytes_copied for r in results),
+        "bytes_skipped": sum(r.bytes_skipped for r in results),
+    }
+
+
+def add_up(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from the summaries of a backfill's batches."""
+    total: dict[str, Any] = dict.fromkeys(COUNTS, 0)
+    failures: list[str] = []
+    for part in parts:
+        for count in COUNTS:
+            total[count] += part[count]
+        failures += part["failures"]
+    total["failures"] = failures[:_FAILURES_SHOWN]
+    return total

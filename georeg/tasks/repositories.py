@@ -1,4 +1,5 @@
-"""The backfill's and verification's units as Prefect tasks (the logic: `georeg.backfill`, `georeg.verification`).
+"""The backfill's and verification's units as Prefect tasks (the logic: `georeg.repository_sync`,
+`georeg.verification`).
 
 A repository is one task: a retry redoes the whole repository, which costs only its listing and
 HEADs for what was already copied.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from georeg import backfill, verification
+from georeg import repository_sync, verification
 from georeg.config import ReplicationConfig
 from georeg.registry import RegistryClient
 from georeg.storage_adapters import StorageAdapter
@@ -19,7 +20,7 @@ from georeg.tasks.retries import RETRYING
 async def list_repositories_task(
     primary: RegistryClient, secondary: RegistryClient, settings: ReplicationConfig, shared: bool = False
 ) -> list[str]:
-    return await backfill.list_repositories(primary, secondary, settings, shared=shared)
+    return await repository_sync.list_repositories(primary, secondary, settings, shared=shared)
 
 
 @task(name="sync-repository", task_run_name="sync {repository}", **RETRYING)
@@ -30,8 +31,8 @@ async def sync_repository_task(
     settings: ReplicationConfig,
     dry_run: bool,
     shared_storage: StorageAdapter | None,
-) -> backfill.RepositorySync:
-    return await backfill.sync_repository(
+) -> repository_sync.RepositorySync:
+    return await repository_sync.sync_repository(
         primary, secondary, repository, settings, dry_run=dry_run, shared_storage=shared_storage
     )
 

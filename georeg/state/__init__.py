@@ -1,0 +1,39 @@
+"""georeg's durable state (`state.url`: SQLite by default, PostgreSQL by URL), one module per job:
+
+- `journal`: every accepted registry event, and the work each still owes a secondary;
+- `sync`: the sync state per (secondary, repository), like GitLab Geo's registry table;
+- `leases`: who holds a backfill of a secondary, or a batch of one;
+- `runs`: records of backfills and verifications, for `georeg status`;
+- `pauses`: a registry's "retry after", shared by every worker.
+
+`StateStore` opens the database once and hands out each part.
+"""
+
+from __future__ import annotations
+
+from georeg.state.database import Base, Database, database_url
+from georeg.state.journal import Claim, Journal
+from georeg.state.leases import Leases
+from georeg.state.pauses import Pauses
+from georeg.state.runs import RunRecord, Runs
+from georeg.state.sync import RepositoryState, SyncStates
+
+__all__ = ["Base", "Claim", "RepositoryState", "RunRecord", "StateStore", "database_url"]
+
+
+class StateStore:
+    """The state database: one engine per process, short transactions, safe for several processes."""
+
+    def __init__(self, url: str) -> None:
+        self.database = Database(url)
+        self.journal = Journal(self.database)
+        self.sync = SyncStates(self.database)
+        self.leases = Leases(self.database)
+        self.runs = Runs(self.database)
+        self.pauses = Pauses(self.database)
+
+    async def create_tables(self) -> None:
+        await self.database.create_tables()
+
+    async def close(self) -> None:
+        await self.database.close()

@@ -1,0 +1,159 @@
+"""Sync state per (secondary, repository), like GitLab Geo's registry table: pending, started, synced
+or failed, with a retry count that only grows until a success, and the last verification."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, delete, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from georeg.retries import backoff_delay
+from georeg.state.database import ROWS_PER_STATEMENT, Base, Database
+
+PENDING, STARTED, SYNCED, FAILED = "pending", "started", "synced", "failed"
+VERIFIED, MISMATCH = "verified", "mismatch"
+
+
+class RepositoryState(Base):
+    __tablename__ = "georeg_repositories"
+    __table_args__ = (UniqueConstraint("secondary", "repository"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    secondary: Mapped[str] = mapped_column(String(255))
+    repository: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16), default=PENDING)
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    retry_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_synced_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    verification: Mapped[str | None] = mapped_column(String(16), nullable=True)  # VERIFIED or MISMATCH
+    verified_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    verification_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+    def due(self) -> bool:
+        """Whether a backfill should sync it now: everything is, but a failure whose retry time is to come."""
+        return self.state != FAILED or (self.retry_at or 0) <= time.time()
+
+
+class SyncStates:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def repository_states(self, secondary: str) -> dict[str, RepositoryState]:
+        async with self._db.transaction() as session:
+            rows = await session.scalars(select(RepositoryState).where(RepositoryState.secondary == secondary))
+            return {row.repository: row for row in rows}
+
+    async def set_repository_state(self, secondary: str, repository: str, **values: object) -> None:
+        """Create or update the row of (secondary, repository) with `values`."""
+        await self.set_repository_states(secondary, [repository], **values)
+
+    async def set_repository_states(self, secondary: str, repositories: Sequence[str], **values: object) -> None:
+        """Create or update the rows of many repositories of `secondary` with the same `values`, a few
+        hundred rows per statement in one transaction: a backfill records its repositories in bulk."""
+        now = time.time()
+        async with self._db.transaction() as session:
+            for start in range(0, len(repositories), ROWS_PER_STATEMENT):
+                rows = [
+                    {"secondary": secondary, "repository": repository, "updated_at": now, "state": PENDING}
+                    | {"retry_count": 0, **values}
+                    for repository in repositories[start : start + ROWS_PER_STATEMENT]
+                ]
+                await session.execute(
+                    self._db.insert(RepositoryState)
+                    .values(rows)
+                    .on_conflict_do_update(
+                        index_elements=["secondary", "repository"], set_={"updated_at": now, **values}
+                    )
+                )
+
+    async def repositories_synced(self, secondary: str, repositories: Sequence[str]) -> None:
+        await self.set_repository_states(
+            secondary,
+            repositories,
+            state=SYNCED,
+            retry_count=0,
+            retry_at=None,
+            last_failure=None,
+            last_synced_at=time.time(),
+        )
+
+    async def repository_failed(
+        self, secondary: str, repository: str, failure: str, *, base: float, cap: float
+    ) -> RepositoryState:
+        """Count one more failure and schedule the retry (exponential backoff with jitter, capped)."""
+        now = time.time()
+        async with self._db.transaction() as session:
+            # Create the row if need be first (concurrent failures of a new repository must not both
+            # insert it), then lock it so every failure counts.
+            await session.execute(
+                self._db.insert(RepositoryState)
+                .values(secondary=secondary, repository=repository, retry_count=0, updated_at=now)
+                .on_conflict_do_nothing(index_elements=["secondary", "repository"])
+            )
+            row = await session.scalar(
+                select(RepositoryState)
+                .where(RepositoryState.secondary == secondary, RepositoryState.repository == repository)
+                .with_for_update()
+            )
+            if row is None:  # forgotten between the two statements
+                row = RepositoryState(secondary=secondary, repository=repository, retry_count=0, updated_at=now)
+                session.add(row)
+            row.retry_count = (row.retry_count or 0) + 1
+            row.retry_at = now + backoff_delay(row.retry_count, base=base, cap=cap)
+            row.state, row.last_failure, row.updated_at = FAILED, failure[:2000], now
+            return row
+
+    async def repository_verified(self, secondary: str, repository: str, failure: str | None) -> None:
+        """Record a verification; a mismatch also sends the repository back to pending for a resync."""
+        values: dict[str, object] = {
+            "verification": MISMATCH if failure else VERIFIED,
+            "verified_at": time.time(),
+            "verification_failure": failure,
+        }
+        if failure:
+            values.update(state=PENDING, retry_at=None)
+        await self.set_repository_state(secondary, repository, **values)
+
+    async def forget_repositories(self, secondary: str, repositories: Sequence[str]) -> None:
+        async with self._db.transaction() as session:
+            for start in range(0, len(repositories), ROWS_PER_STATEMENT):
+                await session.execute(
+                    delete(RepositoryState).where(
+                        RepositoryState.secondary == secondary,
+                        RepositoryState.repository.in_(repositories[start : start + ROWS_PER_STATEMENT]),
+                    )
+                )
+
+
+class SyncRecorder:
+    """Records a backfill's outcomes: a failure at once (it counts a retry and schedules the next
+    attempt), successes a second's worth at a time in one statement, as a no-op backfill finishes
+    hundreds of repositories a second and one transaction each would cost more than their HEADs."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, states: SyncStates, secondary: str, *, backoff_base: float, backoff_cap: float) -> None:
+        self._states, self._secondary = states, secondary
+        self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
+        self._synced: list[str] = []
+        self._flushed_at = time.monotonic()
+
+    async def failed(self, repository: str, failure: str) -> None:
+        await self._states.repository_failed(
+            self._secondary, repository, failure, base=self._backoff_base, cap=self._backoff_cap
+        )
+
+    async def synced(self, repository: str) -> None:
+        self._synced.append(repository)
+        if time.monotonic() - self._flushed_at >= self.INTERVAL_S:
+            await self.flush()
+
+    async def flush(self) -> None:
+        self._flushed_at = time.monotonic()
+        batch, self._synced = self._synced, []
+        if batch:
+            await self._states.repositories_synced(self._secondary, batch)
