@@ -153,3 +153,35 @@ def oss_standin() -> Iterator[OssStandIn]:
     with OssStandIn() as server:
         server.buckets[BUCKET] = {}
         yield server
+
+
+# The fast tier (`./scripts/test --fast`): pure logic and one open registry pair. A test that needs
+# anything heavier (a Prefect server, PostgreSQL, a storage emulator, a second pair, a whole site)
+# belongs to the full suite only, which CI runs.
+_FULL_SUITE_FIXTURES = frozenset(
+    {
+        "prefect_api_url",
+        "postgres",
+        "postgres_url",
+        "token_registry_pair",
+        "moto_server",
+        "gcs_emulator",
+        "azurite",
+        "swift_node",
+        "oss_standin",
+        "site",
+        "cluster",
+        "warm_site",
+        "warm_engine",
+        "prefect_on_postgres",
+    }
+)
+_FULL_SUITE_PARAMETERS = frozenset({"postgresql", "s3", "gcs", "azure", "swift", "oss"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        parameters = {str(value) for value in callspec.params.values()} if callspec else set()
+        if _FULL_SUITE_FIXTURES & set(getattr(item, "fixturenames", ())) or _FULL_SUITE_PARAMETERS & parameters:
+            item.add_marker(pytest.mark.full)

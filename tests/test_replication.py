@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from georeg.blob_copy import BlobLocations, BlobOutcome, copy_blob
 from georeg.config import RegistryConfig, ReplicationConfig
+from georeg.deletion import DeletionOutcome, converge_deletion
 from georeg.errors import IntegrityError, NotFound
 from georeg.references import ImageReference
 from georeg.registry import Descriptor, RegistryClient
 from georeg.registry.auth import PULL_ONLY, PULL_PUSH_DELETE
-from georeg.blob_copy import BlobLocations, BlobOutcome, copy_blob
-from georeg.deletion import DeletionOutcome, converge_deletion
 from georeg.replication import put_manifests, resolve_image, verify_replica
 from tests.conftest import RegistryPair
 from tests.support.images import Image, Pusher, build_image, build_index, random_blob

@@ -311,6 +311,11 @@ def flow_runs(cluster: Cluster, *flows: str) -> list[Any]:
 def test_no_secret_reaches_a_log_a_parameter_or_an_artifact(cluster: Cluster):
     from prefect.client.orchestration import PrefectClient
 
+    # Records of this test's own: a backfill through the workers, with tokens minted and artifacts made.
+    images = populate(cluster, "secrets", 3, 1000)
+    assert "Completed" in cluster.run_backfill()
+    assert_replicated(cluster, images)
+
     async def prefect_records() -> str:
         async with PrefectClient(cluster.server.api_url) as client:
             runs = await _every(client.read_flow_runs)

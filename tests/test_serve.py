@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -62,6 +63,12 @@ class Site:
 
         return asyncio.run(count())
 
+    def journal_depth(self) -> int:
+        metrics = httpx.get(f"{self.receiver.url}/metrics").text
+        return int(
+            float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("georeg_journal_depth ")))
+        )
+
 
 def write_georeg_config(path: Path, primary: str, secondary: str, **dispatch: Any) -> Path:
     path.write_text(
@@ -79,9 +86,10 @@ def write_georeg_config(path: Path, primary: str, secondary: str, **dispatch: An
     return path
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str) -> Iterator[Site]:
-    root = tmp_path_factory.mktemp("inline-site")
+@pytest.fixture
+def site(tmp_path: Path, prefect_api_url: str) -> Iterator[Site]:
+    """A site of its own for every test: registries, journal and receiver start empty."""
+    root = tmp_path
     receiver_port = free_port()
     receiver_url = f"http://127.0.0.1:{receiver_port}"
     with (
@@ -120,14 +128,18 @@ def test_a_delete_on_the_primary_reaches_the_secondary(site: Site, repo_name: st
 
 
 def test_a_burst_of_pushes_to_one_tag_is_coalesced(site: Site, repo_name: str):
+    # Pushed while the receiver is down, the burst reaches it in one stream of redeliveries: the first
+    # event starts a run, and the 19 behind it can cause at most one more (they bump its work row).
+    site.receiver.stop()
     images = [build_image("oci", layer_sizes=[100]) for _ in range(20)]
     with site.pusher() as pusher:
         for image in images:
             pusher.push_image(repo_name, image, "hot")
+    site.receiver.start()
 
     site.wait_replicated(repo_name, "hot", images[-1].digest)
-    runs = site.flow_runs_named(f"replicate {repo_name}:hot")
-    assert 1 <= runs < 20  # far fewer runs than pushes; the last push wins
+    wait_until(lambda: site.journal_depth() == 0, deadline=60, what="the work to be done")
+    assert site.flow_runs_named(f"replicate {repo_name}:hot") in (1, 2)  # never one run per push
 
 
 def test_events_sent_while_the_receiver_is_down_arrive_after_it_restarts(site: Site, repo_name: str):

@@ -245,6 +245,32 @@ async def test_dry_run_reports_and_changes_nothing(fresh_pair, write_config):
     assert status_json(config)["secondaries"][0]["repositories"]["total"] == 0
 
 
+async def test_backfill_and_verify_runs_are_named_for_what_they_do(fresh_pair, write_config):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    pair = fresh_pair
+    populate(pair, count=1)
+    write_config(pair.primary.url, pair.secondary.url)
+
+    await backfill(dry_run=True)
+    await backfill(secondary="secondary")
+    await verify(secondary="secondary", deep=True)
+
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["backfill", "verify"])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=3,
+        )
+    assert [run.name for run in reversed(runs)] == [
+        "backfill of every secondary (dry run)",
+        "backfill of secondary",
+        "verify of secondary (deep)",
+    ]
+
+
 async def test_a_second_backfill_does_not_overlap_a_running_one(fresh_pair, write_config):
     pair = fresh_pair
     populate(pair, count=2)
