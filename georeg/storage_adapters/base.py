@@ -42,6 +42,8 @@ class StorageError(GeoregError):
     def __init__(self, message: str, *, transient: bool = True) -> None:
         super().__init__(message)
         self.transient = transient
+        # Each adapter's SDK retries its own calls (`georeg.retries`): nothing above retries them again.
+        self.exhausted = True
 
 
 class StorageAdapter(Protocol):
