@@ -256,10 +256,8 @@ class Dispatcher:
         for claim in await self.store.journal.running():
             if claim.flow_run_id and isinstance(self.runs, DeploymentFlowRuns):
                 self._start(claim)
-            else:
-                await self.store.journal.release(
-                    claim
-                )  # an inline run died with its process; replication is idempotent
+            else:  # an inline run died with its process; replication is idempotent
+                await self.store.journal.release(claim)
 
     def _start(self, claim: Claim) -> None:
         if self.observer:
