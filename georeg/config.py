@@ -119,7 +119,17 @@ class DispatchConfig(_Strict):
         gt=0,
         description="a deployment flow run not finished by then (its worker died) is ended as crashed and retried",
     )
+    batch_size: int = Field(
+        default=10, ge=1, le=1000, description="items one flow run takes when more are due than runs are free"
+    )
+    digest_push_delay_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="how long a push by digest alone waits for the index that usually follows and covers it",
+    )
     replicate_deployment: str = "replicate-image/replicate-image"
+    batch_deployment: str = "replicate-images/replicate-images"
     delete_deployment: str = "delete-image/delete-image"
 
 

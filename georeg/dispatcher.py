@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -41,8 +43,9 @@ class FlowRunFailed(GeoregError):
 
 
 class FlowRuns(Protocol):
-    async def run(self, claim: Claim, store: StateStore) -> None:
-        """Run the claimed work to its end; raise if it did not succeed."""
+    async def run(self, claims: list[Claim], store: StateStore) -> None:
+        """Run the claimed work to its end, one claim as its own flow run, several as one batch run
+        (`replicate-images`, which settles each claim in the journal itself); raise if it did not succeed."""
         ...
 
     async def close(self) -> None:
@@ -101,12 +104,16 @@ class InlineFlowRuns:
     def __init__(self) -> None:
         self.prefect = SharedPrefectClient()
 
-    async def run(self, claim: Claim, store: StateStore) -> None:
+    async def run(self, claims: list[Claim], store: StateStore) -> None:
         from georeg.flows.delete import delete_image
-        from georeg.flows.replicate import replicate_image
+        from georeg.flows.replicate import replicate_image, replicate_images
 
-        flow = replicate_image if claim.action == REPLICATE else delete_image
         async with self.prefect.installed():
+            if len(claims) > 1:
+                await replicate_images([dataclasses.asdict(claim) for claim in claims])
+                return
+            [claim] = claims
+            flow = replicate_image if claim.action == REPLICATE else delete_image
             await flow(claim.repository, claim.reference, claim.secondary)
 
     async def close(self) -> None:
@@ -124,36 +131,40 @@ class DeploymentFlowRuns:
     async def close(self) -> None:
         await self.prefect.close()
 
-    async def run(self, claim: Claim, store: StateStore) -> None:
-        flow_run_id = claim.flow_run_id or await self._start(claim)
-        await store.journal.set_flow_run(claim, flow_run_id)
+    async def run(self, claims: list[Claim], store: StateStore) -> None:
+        flow_run_id = claims[0].flow_run_id or await self._start(claims)
+        for claim in claims:
+            await store.journal.set_flow_run(claim, flow_run_id)
         state = await self._wait(flow_run_id)
         if not state.is_completed():
             raise FlowRunFailed(f"flow run {flow_run_id} ended {state.type.value}: {state.message or ''}".strip())
 
-    async def _start(self, claim: Claim) -> str:
+    async def _start(self, claims: list[Claim]) -> str:
         from prefect.client.orchestration import get_client
 
-        deployment = (
-            self.settings.replicate_deployment if claim.action == REPLICATE else self.settings.delete_deployment
-        )
+        if len(claims) > 1:
+            deployment = self.settings.batch_deployment
+        elif claims[0].action == REPLICATE:
+            deployment = self.settings.replicate_deployment
+        else:
+            deployment = self.settings.delete_deployment
         try:
             # A client of its own, not the shared one: a Prefect client that has connected once retries a
             # refused connection for about a minute, and an unreachable API must be noticed at once here
             # (the work goes back to the journal). Watching the run below can afford the retries.
             async with get_client(httpx_settings=self._httpx_settings()) as client:
                 try:
-                    flow_run = await self._create_flow_run(client, deployment, claim)
+                    flow_run = await self._create_flow_run(client, deployment, claims)
                 except httpx.HTTPStatusError as error:
                     if error.response.status_code != 404 or deployment not in self._deployment_ids:
                         raise
                     del self._deployment_ids[deployment]  # deleted and deployed again since: it has a new id
-                    flow_run = await self._create_flow_run(client, deployment, claim)
+                    flow_run = await self._create_flow_run(client, deployment, claims)
         except (httpx.TransportError, OSError, RuntimeError) as error:
             raise PrefectUnavailable(f"cannot create a flow run of {deployment}: {error}") from error
         return str(flow_run.id)
 
-    async def _create_flow_run(self, client: Any, deployment: str, claim: Claim) -> Any:
+    async def _create_flow_run(self, client: Any, deployment: str, claims: list[Claim]) -> Any:
         """What `run_deployment(deployment, timeout=0)` does, with the deployment looked up by name once
         rather than at every run: on a server busy with the previous run, that read took 0.07 to 0.4 s."""
         from prefect.states import Scheduled
@@ -161,13 +172,21 @@ class DeploymentFlowRuns:
         deployment_id = self._deployment_ids.get(deployment)
         if deployment_id is None:
             deployment_id = self._deployment_ids[deployment] = (await client.read_deployment_by_name(deployment)).id
+        if len(claims) > 1:
+            parameters: dict[str, Any] = {"items": [dataclasses.asdict(claim) for claim in claims]}
+        else:
+            [claim] = claims
+            parameters = {"repository": claim.repository, "reference": claim.reference, "secondary": claim.secondary}
+        # Same work, same attempt -> same key: a lost answer never becomes a second run.
+        key = ",".join(f"{claim.secondary}:{claim.sequence}:{claim.attempts}" for claim in claims)
+        if len(claims) > 1:
+            key = hashlib.sha256(key.encode()).hexdigest()[:32]
         return await client.create_flow_run_from_deployment(
             deployment_id,
-            parameters={"repository": claim.repository, "reference": claim.reference, "secondary": claim.secondary},
+            parameters=parameters,
             state=Scheduled(),  # due now: the worker's next poll takes it
-            # Same work, same attempt -> same key: a lost answer never becomes a second run.
-            idempotency_key=f"georeg:{claim.secondary}:{claim.sequence}:{claim.attempts}",
-            tags=["georeg", f"secondary:{claim.secondary}"],
+            idempotency_key=f"georeg:{key}",
+            tags=["georeg", *sorted({f"secondary:{claim.secondary}" for claim in claims})],
         )
 
     def _httpx_settings(self) -> dict[str, Any] | None:
@@ -232,12 +251,21 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_seconds)
 
     async def dispatch_due(self) -> int:
-        """Start flow runs for due work, up to the concurrency bound; return how many started."""
+        """Start flow runs for due work, up to the concurrency bound; return how many items started.
+
+        While there are fewer due items than free runs, each gets a run of its own, at once. A burst
+        that brings more is shared among the free runs, up to `batch_size` items each: Prefect's
+        bookkeeping per flow run, not the copies, is what limits how many images a second get across.
+        """
         if time.time() < self._pause_until:
             return 0
-        claims = await self.store.journal.claim_due(self.settings.concurrency - len(self._active))
-        for claim in claims:
-            self._start(claim)
+        free = self.settings.concurrency - len(self._active)
+        if free <= 0:
+            return 0
+        claims = await self.store.journal.claim_due(free * self.settings.batch_size)
+        runs = min(free, len(claims))
+        for group in (claims[index::runs] for index in range(runs)):
+            self._start(group)
         return len(claims)
 
     async def drain(self) -> None:
@@ -253,45 +281,55 @@ class Dispatcher:
 
     async def _resume_after_restart(self) -> None:
         """Rows left running by a previous process: watch their flow runs again, or run them anew."""
+        by_flow_run: dict[str, list[Claim]] = {}
         for claim in await self.store.journal.running():
             if claim.flow_run_id and isinstance(self.runs, DeploymentFlowRuns):
-                self._start(claim)
+                by_flow_run.setdefault(claim.flow_run_id, []).append(claim)
             else:  # an inline run died with its process; replication is idempotent
                 await self.store.journal.release(claim)
+        for group in by_flow_run.values():
+            self._start(group)
 
-    def _start(self, claim: Claim) -> None:
+    def _start(self, claims: list[Claim]) -> None:
         if self.observer:
-            self.observer.started(claim)
-        self._active[claim.id] = asyncio.create_task(self._execute(claim), name=f"georeg-work-{claim.id}")
+            for claim in claims:
+                self.observer.started(claim)
+        run = asyncio.create_task(self._execute(claims), name=f"georeg-work-{claims[0].id}")
+        self._active[claims[0].id] = run
 
-    async def _execute(self, claim: Claim) -> None:
+    async def _execute(self, claims: list[Claim]) -> None:
         ok = False
         try:
-            await self.runs.run(claim, self.store)
+            await self.runs.run(claims, self.store)
             ok = True
-            if not await self.store.journal.succeeded(claim):
-                logger.info("%s: newer events arrived during the run; running again", _describe(claim))
+            if len(claims) > 1:  # a batch settled its items itself; one it did not has failed
+                await self._failed(await self.store.journal.unsettled(claims), "the run recorded no outcome")
+            elif not await self.store.journal.succeeded(claims[0]):
+                logger.info("%s: newer events arrived during the run; running again", _describe(claims[0]))
         except PrefectUnavailable as error:
             logger.warning("%s; the work stays in the journal", error)
             self._pause_until = time.time() + self.settings.poll_seconds * 5
-            await self.store.journal.release(claim)
+            for claim in claims:
+                await self.store.journal.release(claim)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # every failure of a run is recorded, whatever its kind
+            unsettled = claims if len(claims) == 1 else await self.store.journal.unsettled(claims)
+            await self._failed(unsettled, f"{type(error).__name__}: {error}")
+        finally:
+            self._active.pop(claims[0].id, None)
+            if self.observer:
+                self.observer.finished(claims, ok)
+            self.wake()
+
+    async def _failed(self, claims: list[Claim], error: str) -> None:
+        for claim in claims:
             delay = await self.store.journal.failed(
-                claim,
-                f"{type(error).__name__}: {error}",
-                max_attempts=self.settings.max_attempts,
-                backoff_cap=self.settings.backoff_cap_seconds,
+                claim, error, max_attempts=self.settings.max_attempts, backoff_cap=self.settings.backoff_cap_seconds
             )
             logger.warning(
                 "%s failed (attempt %d), retrying in %.0fs: %s", _describe(claim), claim.attempts + 1, delay, error
             )
-        finally:
-            self._active.pop(claim.id, None)
-            if self.observer:
-                self.observer.finished(claim, ok)
-            self.wake()
 
 
 def _describe(claim: Claim) -> str:

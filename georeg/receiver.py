@@ -63,7 +63,7 @@ class ReceiverMetrics:
     def started(self, claim: Claim) -> None:
         self.dispatch_lag.observe(max(0.0, time.time() - claim.first_event_at))
 
-    def finished(self, claim: Claim, ok: bool) -> None:
+    def finished(self, claims: list[Claim], ok: bool) -> None:
         self.runs.labels("completed" if ok else "failed").inc()
 
 
@@ -98,7 +98,13 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         except InvalidEvents as error:
             return refuse(400, "invalid", str(error))
         try:
-            new = await store.journal.record_events(classified.accepted, secondaries) if classified.accepted else 0
+            new = (
+                await store.journal.record_events(
+                    classified.accepted, secondaries, digest_delay=config.dispatch.digest_push_delay_seconds
+                )
+                if classified.accepted
+                else 0
+            )
         except SQLAlchemyError as error:
             # Not the request's fault: the registry keeps the event and delivers it again.
             logger.error("journal unavailable: %s", error)

@@ -74,6 +74,7 @@ class ImageReplication:
     digest: str
     manifests: int
     copies: tuple[BlobCopy, ...]
+    children: tuple[str, ...] = ()  # the digests of an index's child manifests, which it put too
     seconds: float = 0.0
 
     @property
@@ -130,7 +131,14 @@ async def replicate(
             )
             if not await put_manifests(secondary, image):
                 await verify_replica(secondary, image)
-    return ImageReplication(reference, image.digest, len(image.manifests), tuple(copies), time.monotonic() - started)
+    return ImageReplication(
+        reference,
+        image.digest,
+        len(image.manifests),
+        tuple(copies),
+        children=tuple(manifest.digest for manifest in image.manifests[:-1]),
+        seconds=time.monotonic() - started,
+    )
 
 
 async def confirm_shared(secondary: RegistryClient, storage: StorageAdapter, image: ResolvedImage) -> list[BlobCopy]:

@@ -223,6 +223,7 @@ def test_deploy_all_creates_every_deployment_with_its_schedule(site: DeployedSit
 
     assert asyncio.run(read()) == {
         "replicate_image/replicate-image": [],
+        "replicate_images/replicate-images": [],
         "delete_image/delete-image": [],
         "backfill/backfill": ["0 */6 * * *"],
         "verify/verify": ["30 3 * * *"],
@@ -241,8 +242,16 @@ def test_the_worker_starts_the_engine_directly(site: DeployedSite):
             return {d.name: d.job_variables or {} for d in await client.read_deployments()}
 
     variables = asyncio.run(read())
-    assert set(variables) == {"replicate-image", "delete-image", "backfill", "verify", "backfill-batch"}
+    assert set(variables) == {
+        "replicate-image",
+        "replicate-images",
+        "delete-image",
+        "backfill",
+        "verify",
+        "backfill-batch",
+    }
     for job in variables.values():
         assert str(job.get("command")).endswith("/.venv/bin/python -m georeg.warm_engine")
     assert variables["replicate-image"]["env"]["PREFECT__FLOW_ENTRYPOINT"] == "georeg.flows.replicate:replicate_image"
     assert variables["delete-image"]["env"]["PREFECT__FLOW_ENTRYPOINT"] == "georeg.flows.delete:delete_image"
+    assert variables["replicate-images"]["env"]["PREFECT__FLOW_ENTRYPOINT"] == "georeg.flows.replicate:replicate_images"

@@ -72,6 +72,57 @@ async def test_events_during_a_run_make_it_run_again(store):
     assert await rows(store) == []
 
 
+CHILD = "sha256:" + "c" * 64
+
+
+async def test_a_push_by_digest_waits_for_its_index_which_covers_it(store):
+    child = AcceptedEvent("child", REPLICATE, "group/app", CHILD)
+    await store.journal.record_events([child], ["east"], digest_delay=60)
+    await store.journal.record_events([push("index", tag="multi")], ["east"], digest_delay=60)
+
+    [claim] = await store.journal.claim_due(10)  # the tag at once; the child is not due yet
+    assert claim.reference == "multi"
+    assert await store.journal.covered("east", "group/app", [CHILD]) == 1  # the index's run put the child
+    assert await store.journal.succeeded(claim) is True
+    assert await rows(store) == []
+
+
+async def test_a_push_by_digest_whose_index_never_comes_is_still_replicated(store):
+    await store.journal.record_events([AcceptedEvent("child", REPLICATE, "group/app", CHILD)], ["east"], digest_delay=1)
+    assert await store.journal.claim_due(10) == []
+
+    async with store.database.transaction() as session:  # as if the delay had passed
+        from sqlalchemy import update
+
+        await session.execute(update(WorkItem).values(next_attempt_at=time.time() - 1))
+    [claim] = await store.journal.claim_due(10)
+    assert claim.reference == CHILD
+
+
+async def test_covering_leaves_running_rows_other_repositories_and_deletes_alone(store):
+    await store.journal.record_events([AcceptedEvent("running", REPLICATE, "group/app", CHILD)], ["east"])
+    await store.journal.claim_due(10)
+    await store.journal.record_events(
+        [
+            AcceptedEvent("other", REPLICATE, "group/other", CHILD),
+            AcceptedEvent("gone", DELETE, "group/app", "sha256:" + "d" * 64),
+        ],
+        ["east"],
+    )
+    assert await store.journal.covered("east", "group/app", [CHILD, "sha256:" + "d" * 64]) == 0
+    assert len(await rows(store)) == 3
+
+
+async def test_unsettled_claims_are_those_still_running(store):
+    await store.journal.record_events([push(f"u{number}", tag=f"{number}") for number in range(3)], ["east"])
+    first, second, third = await store.journal.claim_due(10)
+    assert await store.journal.succeeded(first) is True
+    await store.journal.failed(second, "boom", max_attempts=5, backoff_cap=10)
+
+    assert await store.journal.unsettled([first, second, third]) == [third]
+    assert await store.journal.succeeded(first) is True  # settled already: nothing is run again
+
+
 async def test_the_latest_event_decides_the_action(store):
     await store.journal.record_events([push("p")], ["east"])
     await store.journal.record_events([AcceptedEvent("d", DELETE, "group/app", "1.0")], ["east"])

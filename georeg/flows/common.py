@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from georeg.config import GeoregConfig, SecondaryConfig
@@ -17,6 +18,7 @@ from georeg.registry import RegistryClient, primary_client, secondary_client
 
 if TYPE_CHECKING:
     from georeg.state import StateStore
+    from georeg.state.journal import Claim
 
 T = TypeVar("T")
 
@@ -69,6 +71,13 @@ async def open_state(config: GeoregConfig) -> AsyncIterator[StateStore]:
         await store.close()
 
 
+@dataclass
+class Outcome:
+    """What a step tells the record of its outcome: the manifests it put besides its own."""
+
+    covers: tuple[str, ...] = ()
+
+
 class EventOutcomes:
     """The event path's part in the sync state: a failure fails the repository naming the tag; a
     success only makes the repository known (synced is for a backfill, which sees every tag).
@@ -84,26 +93,46 @@ class EventOutcomes:
         self._opening = asyncio.Lock()
 
     @contextlib.asynccontextmanager
-    async def recording(self, secondary: str, image: ImageReference) -> AsyncIterator[None]:
-        """Record how the block, the work for `image` on `secondary`, ended (a failure is raised on)."""
-        try:
-            yield
-        except GeoregError as error:
-            await self._record(secondary, image, error)
-            raise
-        await self._record(secondary, image, None)
+    async def recording(
+        self, secondary: str, image: ImageReference, claim: Claim | None = None
+    ) -> AsyncIterator[Outcome]:
+        """Record how the block, the work for `image` on `secondary`, ended; a failure is raised on.
 
-    async def _record(self, secondary: str, image: ImageReference, error: Exception | None) -> None:
+        With `claim` (a batch run's item), the journal's work row is settled here too, as the
+        dispatcher settles a run of its own. What the block puts in `covers` (an index's children) is
+        no longer owed on its own."""
+        outcome = Outcome()
+        try:
+            yield outcome
+        except GeoregError as error:
+            await self._failed(secondary, image, error, claim)
+            raise
+        await self._succeeded(secondary, image, outcome.covers, claim)
+
+    async def _succeeded(
+        self, secondary: str, image: ImageReference, covers: tuple[str, ...], claim: Claim | None
+    ) -> None:
         store = await self._open()
-        if error is None:
-            await store.sync.set_repository_state(secondary, image.repository)
-        else:
-            await store.sync.repository_failed(
-                secondary,
-                image.repository,
-                f"tag {image.reference}: {error}",
-                base=self.config.replication.retry_backoff_base_seconds,
-                cap=self.config.replication.retry_backoff_cap_seconds,
+        await store.sync.set_repository_state(secondary, image.repository)
+        await store.journal.covered(secondary, image.repository, covers)
+        if claim is not None:
+            await store.journal.succeeded(claim)
+
+    async def _failed(self, secondary: str, image: ImageReference, error: GeoregError, claim: Claim | None) -> None:
+        store = await self._open()
+        await store.sync.repository_failed(
+            secondary,
+            image.repository,
+            f"tag {image.reference}: {error}",
+            base=self.config.replication.retry_backoff_base_seconds,
+            cap=self.config.replication.retry_backoff_cap_seconds,
+        )
+        if claim is not None:
+            await store.journal.failed(
+                claim,
+                f"{type(error).__name__}: {error}",
+                max_attempts=self.config.dispatch.max_attempts,
+                backoff_cap=self.config.dispatch.backoff_cap_seconds,
             )
 
     async def _open(self) -> StateStore:

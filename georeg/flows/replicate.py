@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 
+from georeg.concurrency import bounded
 from georeg.config import load_config
+from georeg.errors import GeoregError, ReplicationError
+from georeg.events import DELETE
 from georeg.flows.common import event_outcomes, for_each_secondary
 from georeg.references import ImageReference, validate_reference, validate_repository
 from georeg.registry import RegistryClient
 from georeg.sharing import decide_mode
-from georeg.tasks.replication import copy_image_task
+from georeg.tasks.replication import converge_deletion_task, copy_image_task
 from georeg.tasks.retries import with_retry_settings
 
 
@@ -39,9 +44,58 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
 
     async def replicate_to(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
         mode = decide_mode(config, config.select_secondaries(target.name)[0])
-        async with outcomes.recording(target.name, image):
+        async with outcomes.recording(target.name, image) as outcome:
             copied = await copy_image(primary, target, image, config.replication, mode.storage)
+            outcome.covers = copied.children
         return {"secondary": target.name, "mode": mode.mode.value, **copied.summary()}
 
     async with event_outcomes(config) as outcomes:
         return await for_each_secondary(config, secondary, replicate_to)
+
+
+@flow(name="replicate-images", flow_run_name=lambda: f"replicate {len(flow_run.parameters['items'])} images")
+async def replicate_images(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The journal's due work in one run, when a burst of pushes has more of it than there are runs.
+
+    Each item is a work row the receiver claimed (an image to copy to, or a reference to delete from,
+    one secondary) and gets its own `copy-image` or `converge-deletion` task, so each image stays
+    visible with its outcome; the run settles each item in the journal itself, and fails naming the
+    items that failed once every item has had its turn.
+
+    Args:
+        items: the claims, as the dispatcher hands them over (`georeg.state.journal.Claim` fields).
+    """
+    from georeg.state.journal import Claim  # the state database is opened for the outcomes anyway
+
+    config = load_config()
+    claims = [Claim(**item) for item in items]
+    copy_image = with_retry_settings(copy_image_task, config.replication)
+    converge_deletion = with_retry_settings(converge_deletion_task, config.replication)
+    room = asyncio.Semaphore(config.dispatch.concurrency)
+
+    async def settle(primary: RegistryClient, target: RegistryClient, claim: Claim) -> dict[str, Any]:
+        image = ImageReference(claim.repository, claim.reference)
+        try:
+            async with outcomes.recording(target.name, image, claim) as outcome:
+                if claim.action == DELETE:
+                    deleted = await converge_deletion(primary, target, image)
+                    return {"secondary": target.name, "image": str(image), "outcome": deleted.outcome.value}
+                mode = decide_mode(config, config.select_secondaries(target.name)[0])
+                copied = await copy_image(primary, target, image, config.replication, mode.storage)
+                outcome.covers = copied.children
+                return {"secondary": target.name, "mode": mode.mode.value, **copied.summary()}
+        except GeoregError as error:
+            return {"secondary": target.name, "image": str(image), "failed": str(error)}
+
+    async def settle_all(primary: RegistryClient, target: RegistryClient) -> list[dict[str, Any]]:
+        mine = [claim for claim in claims if claim.secondary == target.name]
+        return await asyncio.gather(*(bounded(room, settle(primary, target, claim)) for claim in mine))
+
+    async with event_outcomes(config) as outcomes:
+        secondaries = sorted({claim.secondary for claim in claims})
+        results = [result for name in secondaries for result in (await for_each_secondary(config, name, settle_all))[0]]
+    failed = [result for result in results if "failed" in result]
+    if failed:
+        named = "; ".join(f"{r['image']} -> {r['secondary']}: {r['failed']}" for r in failed[:3])
+        raise ReplicationError(f"{len(failed)} of {len(results)} items failed: {named}")
+    return results

@@ -18,7 +18,8 @@ from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, de
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql import Executable
 
-from georeg.events import AcceptedEvent
+from georeg.events import REPLICATE, AcceptedEvent
+from georeg.references import is_digest
 from georeg.retries import backoff_delay
 from georeg.state.database import Base, Database
 
@@ -64,7 +65,8 @@ class WorkItem(Base):
 
 @dataclass(frozen=True)
 class Claim:
-    """A work row handed to the dispatcher: run `action` for this key, as of `sequence`."""
+    """A work row handed to the dispatcher: run `action` for this key, as of `sequence`. A batch flow
+    run gets its claims as parameters (`asdict`) and records each one's outcome itself."""
 
     id: int
     secondary: str
@@ -83,8 +85,13 @@ class Journal:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def record_events(self, events: Sequence[AcceptedEvent], secondaries: Sequence[str]) -> int:
+    async def record_events(
+        self, events: Sequence[AcceptedEvent], secondaries: Sequence[str], *, digest_delay: float = 0.0
+    ) -> int:
         """Journal new events and owe their work to every secondary, in one transaction.
+
+        A push by digest alone is owed `digest_delay` seconds later: it is most often a child of an index
+        whose own push follows at once, and the index's run covers it (`covered`).
 
         Returns how many were new: a redelivered event id is recorded once.
         """
@@ -109,11 +116,12 @@ class Journal:
                 if journal_id is None:
                     continue
                 new += 1
+                due = now + digest_delay if accepted.action == REPLICATE and is_digest(accepted.reference) else now
                 for secondary in secondaries:
-                    await session.execute(self._owe(secondary, accepted, journal_id, now))
+                    await session.execute(self._owe(secondary, accepted, journal_id, now, due))
         return new
 
-    def _owe(self, secondary: str, accepted: AcceptedEvent, sequence: int, now: float) -> Executable:
+    def _owe(self, secondary: str, accepted: AcceptedEvent, sequence: int, now: float, due: float) -> Executable:
         values = {
             "secondary": secondary,
             "repository": accepted.repository,
@@ -122,7 +130,7 @@ class Journal:
             "sequence": sequence,
             "status": PENDING,
             "attempts": 0,
-            "next_attempt_at": now,
+            "next_attempt_at": due,
             "first_event_at": now,
             "updated_at": now,
         }
@@ -137,7 +145,7 @@ class Journal:
                 "sequence": insert.excluded.sequence,
                 "status": func.coalesce(func.nullif(current.status, FAILED), PENDING),
                 "attempts": 0,
-                "next_attempt_at": now,
+                "next_attempt_at": due,
                 "updated_at": now,
             },
         )
@@ -183,12 +191,12 @@ class Journal:
             )
             if removed.rowcount:
                 return True
-            await session.execute(
+            again = await session.execute(
                 update(WorkItem)
                 .where(WorkItem.id == claim.id)
                 .values(status=PENDING, attempts=0, next_attempt_at=now, flow_run_id=None, updated_at=now)
             )
-            return False
+            return not again.rowcount  # no row at all: settled already (a batch run settles its own)
 
     async def failed(self, claim: Claim, error: str, *, max_attempts: int, backoff_cap: float) -> float:
         """Record a failed run; retry later with exponential backoff and jitter, or park it as failed."""
@@ -208,6 +216,34 @@ class Journal:
             )
         )
         return delay
+
+    async def covered(self, secondary: str, repository: str, digests: Sequence[str]) -> int:
+        """Drop the pending replications of these manifests: a run that replicated an index put its
+        children too. A digest names the same bytes for ever, so a child pushed again is covered as well.
+        Returns how many rows went."""
+        if not digests:
+            return 0
+        async with self._db.transaction() as session:
+            removed = await session.execute(
+                delete(WorkItem).where(
+                    WorkItem.secondary == secondary,
+                    WorkItem.repository == repository,
+                    WorkItem.reference.in_(list(digests)),
+                    WorkItem.action == REPLICATE,
+                    WorkItem.status == PENDING,
+                )
+            )
+            return int(removed.rowcount or 0)
+
+    async def unsettled(self, claims: Sequence[Claim]) -> list[Claim]:
+        """The claims whose run recorded no outcome: their rows are still running."""
+        async with self._db.transaction() as session:
+            running = set(
+                await session.scalars(
+                    select(WorkItem.id).where(WorkItem.id.in_([c.id for c in claims]), WorkItem.status == RUNNING)
+                )
+            )
+        return [claim for claim in claims if claim.id in running]
 
     async def depth(self) -> int:
         """Work rows not yet done (pending, running or failed)."""
