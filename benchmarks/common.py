@@ -217,17 +217,17 @@ def add_prefect_database_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def start_prefect_server(stack: ExitStack, home: Path, database: str) -> PrefectServer:
+def start_prefect_server(stack: ExitStack, home: Path, database: str, *, access_log: bool = False) -> PrefectServer:
     """A Prefect server on SQLite, or on a PostgreSQL server of its own as in production (docs/scaling.md).
 
     On SQLite, a write that meets another (the server recording the previous run's task runs) is
     answered 503, and Prefect's client waits 2 s or more before it tries again."""
     if database == "sqlite":
-        return stack.enter_context(PrefectServer(home))
+        return stack.enter_context(PrefectServer(home, access_log=access_log))
     postgres = stack.enter_context(PostgresServer())
     name = f"prefect_{uuid.uuid4().hex[:8]}"
     postgres.create_database(name)
-    return stack.enter_context(PrefectServer(home, database_url=postgres.url(name, "asyncpg")))
+    return stack.enter_context(PrefectServer(home, database_url=postgres.url(name, "asyncpg"), access_log=access_log))
 
 
 # --- results -------------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class Site:
     worker: BackgroundProcess | None
     api_url: str
     state_db: Path
+    server_log: Path
 
     def logs(self) -> str:
         worker = f"\n--- worker log ---\n{self.worker.log_tail(20)}" if self.worker else ""
@@ -105,54 +106,78 @@ def notification_endpoint(receiver_url: str) -> dict[str, Any]:
     return endpoint
 
 
-def write_georeg_config(root: Path, primary: str, secondary: str, mode: str) -> Path:
-    """georeg's defaults throughout, except the dispatch mode."""
+def write_georeg_config(
+    root: Path, primary: str, secondary: str, mode: str, dispatch: dict[str, Any] | None = None
+) -> Path:
+    """georeg's defaults throughout, except the dispatch mode (and what `dispatch` sets)."""
     config = {
         "primary": {"url": primary},
         "secondaries": [{"name": "secondary", "url": secondary}],
         "notifications": {"secret": SECRET},
         "state": {"url": f"sqlite:///{root / 'georeg.db'}"},
-        "dispatch": {"mode": mode},
+        "dispatch": {"mode": mode, **(dispatch or {})},
     }
     path = root / "georeg.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def worker_registered(api_url: str) -> bool:
+def worker_count(api_url: str) -> int:
     try:
         response = httpx.post(f"{api_url}/work_pools/{POOL}/workers/filter", json={}, timeout=5)
     except httpx.HTTPError:
-        return False
-    return response.status_code == 200 and bool(response.json())
+        return 0
+    return len(response.json()) if response.status_code == 200 else 0
 
 
-def start_worker(
-    stack: contextlib.ExitStack, root: Path, env: dict[str, str], api_url: str, warm: bool
+def start_workers(
+    stack: contextlib.ExitStack, root: Path, env: dict[str, str], api_url: str, warm: bool, count: int = 1
 ) -> BackgroundProcess:
-    """The work pool, the deployments of prefect.yaml, and one worker polling the pool (with a warm engine)."""
+    """The work pool, the deployments of prefect.yaml, and `count` workers polling the pool (each with a
+    warm engine of its own, as on separate machines); returns the first."""
     deploy_georeg(env)
-    engine = stack.enter_context(WarmEngine(root, env)) if warm else None
-    worker = stack.enter_context(
-        PrefectWorker(root / "worker.log", env, warm_engine=engine, query_seconds=QUERY_SECONDS)
-    )
+    workers = []
+    for number in range(count):
+        home = root / f"worker-{number}"
+        home.mkdir(parents=True, exist_ok=True)
+        engine = stack.enter_context(WarmEngine(home, env)) if warm else None
+        workers.append(
+            stack.enter_context(
+                PrefectWorker(
+                    home / "worker.log",
+                    env,
+                    name=f"georeg-worker-{number}",
+                    warm_engine=engine,
+                    query_seconds=QUERY_SECONDS,
+                )
+            )
+        )
     try:
-        wait_until(lambda: worker_registered(api_url), deadline=120, what="the worker to register", interval=0.5)
+        wait_until(lambda: worker_count(api_url) >= count, deadline=120, what="the workers to register", interval=0.5)
     except AssertionError as error:
-        raise BenchmarkError(f"{error}:\n{worker.log_tail(20)}") from None
-    return worker
+        raise BenchmarkError(f"{error}:\n{workers[0].log_tail(20)}") from None
+    return workers[0]
 
 
 @contextlib.contextmanager
-def running_site(mode: str, root: Path, prefect_database: str, warm: bool) -> Iterator[Site]:
+def running_site(
+    mode: str,
+    root: Path,
+    prefect_database: str,
+    warm: bool,
+    *,
+    workers: int = 1,
+    dispatch: dict[str, Any] | None = None,
+    access_log: bool = False,
+) -> Iterator[Site]:
     """Every process of one site, stopped in reverse order when the block ends."""
     receiver_port = free_port()
     endpoint = notification_endpoint(f"http://127.0.0.1:{receiver_port}")
     with contextlib.ExitStack() as stack:
         primary = stack.enter_context(RegistryProcess(root / "primary", notifications=[endpoint]))
         secondary = stack.enter_context(RegistryProcess(root / "secondary"))
-        server = start_prefect_server(stack, root / "prefect-server", prefect_database)
-        config = write_georeg_config(root, primary.url, secondary.url, mode)
+        server = start_prefect_server(stack, root / "prefect-server", prefect_database, access_log=access_log)
+        config = write_georeg_config(root, primary.url, secondary.url, mode, dispatch)
         env = clean_environment(
             PREFECT_API_URL=server.api_url,
             PREFECT_HOME=str(root / "prefect-client"),
@@ -160,9 +185,9 @@ def running_site(mode: str, root: Path, prefect_database: str, warm: bool) -> It
             GEOREG_CONFIG=str(config),
             PWD=str(REPOSITORY_ROOT),
         )
-        worker = start_worker(stack, root, env, server.api_url, warm) if mode == "deployment" else None
+        worker = start_workers(stack, root, env, server.api_url, warm, workers) if mode == "deployment" else None
         receiver = stack.enter_context(GeoregServe(config, root / "serve.log", env, port=receiver_port))
-        yield Site(primary, secondary, receiver, worker, server.api_url, root / "georeg.db")
+        yield Site(primary, secondary, receiver, worker, server.api_url, root / "georeg.db", server.log_path)
 
 
 # --- the measurement -----------------------------------------------------------------------------
@@ -241,8 +266,8 @@ def stage_breakdown(site: Site, pushes: list[Push]) -> dict[str, list[float]]:
     start:    -> Running: the flow-run process started, imported Prefect and georeg, loaded the flow
               (deployment), or the in-process run was set up (inline);
     setup:    Running -> the first task started (config, clients, the flow's own start);
-    copy:     first task start -> put-manifests ended (resolve, blobs, manifests: the image is there);
-    seen:     put-manifests ended -> the benchmark's HEAD saw it (polling granularity, 20 ms).
+    copy:     first task start -> the copy-image task ended (resolve, blobs, manifests: the image is there);
+    seen:     copy-image ended -> the benchmark's HEAD saw it (polling granularity, 20 ms).
     """
     with sqlite3.connect(site.state_db) as database:
         journaled = dict(database.execute("SELECT reference, received_at FROM georeg_events"))
@@ -266,7 +291,7 @@ def stage_breakdown(site: Site, pushes: list[Push]) -> dict[str, list[float]]:
             manifests_put = [
                 _epoch(task["end_time"])
                 for task in task_runs
-                if task["name"].startswith("put-manifests") and task.get("end_time")
+                if task["name"].startswith("copy ") and task.get("end_time")
             ]
             if "RUNNING" not in entered or not starts or not manifests_put:
                 continue

@@ -158,7 +158,9 @@ class GeoregServe(BackgroundProcess):
 class PrefectServer(BackgroundProcess):
     """A real `prefect server start` with its own PREFECT_HOME (SQLite there unless a database URL is given)."""
 
-    def __init__(self, home: Path, port: int | None = None, database_url: str | None = None) -> None:
+    def __init__(
+        self, home: Path, port: int | None = None, database_url: str | None = None, *, access_log: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.home = home
         env = clean_environment(
@@ -166,6 +168,8 @@ class PrefectServer(BackgroundProcess):
         )
         if database_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+        if access_log:  # uvicorn's access log, one line per API request (benchmarks count them)
+            env["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
         super().__init__(command, home / f"server-{self.port}.log", env)
 
