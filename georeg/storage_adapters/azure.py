@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from georeg.errors import ConfigError
 from georeg.storage_adapters.object_store import ObjectStoreAdapter
-from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, normalise_root, public_url
+from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, public_url
 
 PARAMETERS = {
     "accountkey",
@@ -37,13 +37,11 @@ class AzureAdapter(ObjectStoreAdapter):
     """Reads blobs with azure-storage-blob, signing with the account key or an Azure AD credential."""
 
     backend = "azure"
-    bucket_label = "container"
+    known_parameters = PARAMETERS
+    bucket_parameter = "container"
 
-    def __init__(self, parameters: dict[str, Any]) -> None:
-        params = DriverParameters("azure", parameters, PARAMETERS)
+    def _configure(self, params: DriverParameters) -> str:
         self.account = params.required("accountname")
-        container = params.required("container")
-        root = normalise_root(params.string("rootdirectory"))
         realm = params.string("realm") or DEFAULT_REALM
         self._service_url = params.string("serviceurl") or f"https://{self.account}.blob.{realm}"
         endpoint = normalise_endpoint(self._service_url, params.key("serviceurl"))
@@ -56,7 +54,7 @@ class AzureAdapter(ObjectStoreAdapter):
             for name, value in (("clientid", self._client_id), ("tenantid", self._tenant_id)):
                 if not value:
                     raise ConfigError(f"{params.key('credentials')}.{name}: required for client_secret")
-        super().__init__(endpoint=endpoint, bucket=container, root=root)
+        return endpoint
 
     def _make_client(self) -> Any:
         """The container's client."""

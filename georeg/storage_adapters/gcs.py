@@ -14,7 +14,7 @@ from typing import Any
 
 from georeg.errors import ConfigError
 from georeg.storage_adapters.object_store import ObjectStoreAdapter
-from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, normalise_root
+from georeg.storage_adapters.params import DriverParameters, normalise_endpoint
 
 PARAMETERS = {"bucket", "chunksize", "credentials", "keyfile", "maxconcurrency", "rootdirectory", "useragent"}
 DEFAULT_ENDPOINT = "storage.googleapis.com"
@@ -26,21 +26,17 @@ class GcsAdapter(ObjectStoreAdapter):
     """Reads objects with google-cloud-storage using the keyfile, inline credentials or default credentials."""
 
     backend = "gcs"
+    known_parameters = PARAMETERS
 
-    def __init__(self, parameters: dict[str, Any]) -> None:
-        params = DriverParameters("gcs", parameters, PARAMETERS)
-        bucket = params.required("bucket")
-        root = normalise_root(params.string("rootdirectory"))
-        self._emulator = os.environ.get(EMULATOR_ENV) or None
-        if self._emulator:
-            emulator = self._emulator if "://" in self._emulator else f"http://{self._emulator}"
-            self._emulator = emulator
-            endpoint = normalise_endpoint(emulator, EMULATOR_ENV)
-        else:
-            endpoint = DEFAULT_ENDPOINT
+    def _configure(self, params: DriverParameters) -> str:
         # Parsed now (no network) so a broken key is a config error, not a failure at the first read.
         self._credentials = _service_account(params)
-        super().__init__(endpoint=endpoint, bucket=bucket, root=root)
+        self._emulator = os.environ.get(EMULATOR_ENV) or None
+        if not self._emulator:
+            return DEFAULT_ENDPOINT
+        if "://" not in self._emulator:
+            self._emulator = f"http://{self._emulator}"
+        return normalise_endpoint(self._emulator, EMULATOR_ENV)
 
     def _make_client(self) -> Any:
         from google.auth.credentials import AnonymousCredentials

@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, TypeVar
 
 from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure
-from georeg.storage_adapters.params import directory_key, location_root, object_key, relative_path
+from georeg.storage_adapters.params import (
+    DriverParameters,
+    directory_key,
+    location_root,
+    normalise_root,
+    object_key,
+    relative_path,
+)
 
 T = TypeVar("T")
 
@@ -27,19 +34,21 @@ CLIENT_LOCK = threading.RLock()
 class ObjectStoreAdapter(ABC):
     """A storage adapter for a bucket of an object store; subclasses fill in the methods marked abstract."""
 
-    backend: ClassVar[str]  # the driver's name, as in StorageLocation and in error messages
-    bucket_label: ClassVar[str] = "bucket"  # what the backend calls a bucket, as __repr__ names it
+    backend: ClassVar[str]  # the driver's name, as in StorageLocation, in error messages and in config keys
+    known_parameters: ClassVar[set[str]]  # every parameter the driver reads, whether georeg uses it or not
+    bucket_parameter: ClassVar[str] = "bucket"  # what the driver calls its bucket (azure: container)
     list_page = 1000  # objects per listing request
 
-    def __init__(self, *, endpoint: str, bucket: str, root: str) -> None:
-        self.endpoint = endpoint  # normalised (see normalise_endpoint): two spellings of one service agree
-        self.bucket = bucket
-        self.root = root  # rootdirectory without its leading and trailing '/' (see normalise_root)
+    def __init__(self, parameters: dict[str, Any]) -> None:
         self._client: Any = None
+        params = DriverParameters(self.backend, parameters, self.known_parameters)
+        self.bucket = params.required(self.bucket_parameter)
+        self.root = normalise_root(params.string("rootdirectory"))  # the same for every cloud driver
+        self.endpoint = self._configure(params)
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(endpoint={self.endpoint!r}, {self.bucket_label}={self.bucket!r},"
+            f"{type(self).__name__}(endpoint={self.endpoint!r}, {self.bucket_parameter}={self.bucket!r},"
             f" root={location_root(self.root)!r})"
         )
 
@@ -73,6 +82,11 @@ class ObjectStoreAdapter(ABC):
                 yield relative_path(self.root, key), size
 
     # What each backend supplies.
+
+    @abstractmethod
+    def _configure(self, params: DriverParameters) -> str:
+        """Read the backend's own parameters; return its endpoint, normalised (see normalise_endpoint) so
+        that two spellings of one service give one location."""
 
     @abstractmethod
     def _make_client(self) -> Any:

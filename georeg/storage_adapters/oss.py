@@ -13,7 +13,7 @@ from typing import Any
 
 from georeg.storage_adapters.base import StorageError
 from georeg.storage_adapters.object_store import ObjectStoreAdapter
-from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, normalise_root
+from georeg.storage_adapters.params import DriverParameters, normalise_endpoint
 
 PARAMETERS = {
     "accesskeyid",
@@ -36,12 +36,10 @@ class OssAdapter(ObjectStoreAdapter):
     """Reads objects with oss2 (path-style requests when the endpoint is an IP address or localhost)."""
 
     backend = "oss"
+    known_parameters = PARAMETERS
 
-    def __init__(self, parameters: dict[str, Any]) -> None:
-        params = DriverParameters("oss", parameters, PARAMETERS)
+    def _configure(self, params: DriverParameters) -> str:
         self.region = params.required("region")
-        bucket = params.required("bucket")
-        root = normalise_root(params.string("rootdirectory"))
         self._access_key_id = params.secret("accesskeyid", required=True)
         self._access_key_secret = params.secret("accesskeysecret", required=True)
         scheme = "https" if params.boolean("secure", True) else "http"
@@ -51,8 +49,7 @@ class OssAdapter(ObjectStoreAdapter):
         self._endpoint_url = host if "://" in host else f"{scheme}://{host}"
         endpoint = normalise_endpoint(self._endpoint_url, params.key("endpoint"))
         internal_host = _INTERNAL_HOST.fullmatch(endpoint)
-        endpoint = f"{internal_host.group('region')}.aliyuncs.com" if internal_host else endpoint
-        super().__init__(endpoint=endpoint, bucket=bucket, root=root)
+        return f"{internal_host.group('region')}.aliyuncs.com" if internal_host else endpoint
 
     def _make_client(self) -> Any:
         """oss2's client for the bucket (oss2.Bucket)."""

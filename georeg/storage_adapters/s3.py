@@ -11,7 +11,7 @@ from typing import Any
 
 from georeg.errors import ConfigError
 from georeg.storage_adapters.object_store import ObjectStoreAdapter
-from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, normalise_root, public_url
+from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, public_url
 
 # Everything the 2.8 and 3.x drivers read; only some of it changes where georeg reads from.
 PARAMETERS = {
@@ -59,12 +59,10 @@ class S3Adapter(ObjectStoreAdapter):
     """Reads objects with boto3 from the bucket, endpoint and credentials of the registry's s3 block."""
 
     backend = "s3"
+    known_parameters = PARAMETERS
 
-    def __init__(self, parameters: dict[str, Any]) -> None:
-        params = DriverParameters("s3", parameters, PARAMETERS)
+    def _configure(self, params: DriverParameters) -> str:
         self.region = params.required("region")
-        bucket = params.required("bucket")
-        root = normalise_root(params.string("rootdirectory"))
         secure = params.boolean("secure", True)
         self._verify = False if params.boolean("skipverify", False) else None
         self._v4auth = params.boolean("v4auth", True)
@@ -72,14 +70,6 @@ class S3Adapter(ObjectStoreAdapter):
         # The driver addresses buckets by path whenever regionendpoint is set (3.x: also forcepathstyle).
         self._path_style = bool(regionendpoint) or params.boolean("forcepathstyle", False)
         scheme = "https" if secure else "http"
-        if regionendpoint:
-            self._endpoint_url: str | None = (
-                regionendpoint if "://" in regionendpoint else f"{scheme}://{regionendpoint}"
-            )
-            endpoint = self._identity(normalise_endpoint(regionendpoint, params.key("regionendpoint")))
-        else:
-            self._endpoint_url = None if secure else f"http://{aws_endpoint(self.region)}"
-            endpoint = aws_endpoint(self.region)
         self._access_key = params.secret("accesskey")
         self._secret_key = params.secret("secretkey")
         self._session_token = params.secret("sessiontoken")
@@ -87,7 +77,13 @@ class S3Adapter(ObjectStoreAdapter):
             raise ConfigError(f"{params.key('secretkey')}: required when accesskey is set")
         if self._secret_key and not self._access_key:
             raise ConfigError(f"{params.key('accesskey')}: required when secretkey is set")
-        super().__init__(endpoint=endpoint, bucket=bucket, root=root)
+        if regionendpoint:
+            self._endpoint_url: str | None = (
+                regionendpoint if "://" in regionendpoint else f"{scheme}://{regionendpoint}"
+            )
+            return self._identity(normalise_endpoint(regionendpoint, params.key("regionendpoint")))
+        self._endpoint_url = None if secure else f"http://{aws_endpoint(self.region)}"
+        return aws_endpoint(self.region)
 
     def _identity(self, endpoint: str) -> str:
         """AWS's own hosts all reach the same buckets: name them by the region, as without regionendpoint."""
