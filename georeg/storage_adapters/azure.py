@@ -7,24 +7,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 from pydantic import SecretStr
 
 from georeg.errors import ConfigError
-from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
-from georeg.storage_adapters.params import (
-    DriverParameters,
-    directory_key,
-    location_root,
-    normalise_endpoint,
-    normalise_root,
-    object_key,
-    public_url,
-    relative_path,
-)
+from georeg.storage_adapters.object_store import ObjectStoreAdapter
+from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, public_url
 
 PARAMETERS = {
     "accountkey",
@@ -43,19 +33,18 @@ CREDENTIAL_TYPES = {"shared_key", "client_secret", "default_credentials"}
 DEFAULT_REALM = "core.windows.net"
 
 
-class AzureAdapter:
+class AzureAdapter(ObjectStoreAdapter):
     """Reads blobs with azure-storage-blob, signing with the account key or an Azure AD credential."""
 
-    list_page = 1000  # objects per listing request
+    backend = "azure"
+    known_parameters = PARAMETERS
+    bucket_parameter = "container"
 
-    def __init__(self, parameters: dict[str, Any]) -> None:
-        params = DriverParameters("azure", parameters, PARAMETERS)
+    def _configure(self, params: DriverParameters) -> str:
         self.account = params.required("accountname")
-        self.container = params.required("container")
-        self.root = normalise_root(params.string("rootdirectory"))
         realm = params.string("realm") or DEFAULT_REALM
         self._service_url = params.string("serviceurl") or f"https://{self.account}.blob.{realm}"
-        self.endpoint = normalise_endpoint(self._service_url, params.key("serviceurl"))
+        endpoint = normalise_endpoint(self._service_url, params.key("serviceurl"))
         self._skip_verify = params.boolean("skipverify", False)
         self._credential_type, self._account_key, self._client_secret = _credentials(params)
         self._client_id = self._tenant_id = None
@@ -65,38 +54,21 @@ class AzureAdapter:
             for name, value in (("clientid", self._client_id), ("tenantid", self._tenant_id)):
                 if not value:
                     raise ConfigError(f"{params.key('credentials')}.{name}: required for client_secret")
-        self._client: Any = None
-
-    def __repr__(self) -> str:
-        return (
-            f"AzureAdapter(endpoint={self.endpoint!r}, container={self.container!r}, root={location_root(self.root)!r})"
-        )
-
-    def location(self) -> StorageLocation:
-        return StorageLocation("azure", self.endpoint, self.container, location_root(self.root))
-
-    def connect(self) -> None:
-        self.client()
-
-    def client(self) -> Any:
-        with CLIENT_LOCK:  # made once, though the first calls may come from several threads at once
-            return self._make_client()
+        return endpoint
 
     def _make_client(self) -> Any:
-        """The container client, made on first use."""
-        if self._client is None:
-            from azure.storage.blob import BlobServiceClient
+        """The container's client."""
+        from azure.storage.blob import BlobServiceClient
 
-            service = BlobServiceClient(
-                account_url=self._service_url,
-                credential=self._credential(),
-                connection_timeout=10,
-                read_timeout=60,
-                retry_total=3,
-                connection_verify=not self._skip_verify,
-            )
-            self._client = service.get_container_client(self.container)
-        return self._client
+        service = BlobServiceClient(
+            account_url=self._service_url,
+            credential=self._credential(),
+            connection_timeout=10,
+            read_timeout=60,
+            retry_total=3,
+            connection_verify=not self._skip_verify,
+        )
+        return service.get_container_client(self.bucket)
 
     def _credential(self) -> Any:
         if self._credential_type == "shared_key":
@@ -117,49 +89,37 @@ class AzureAdapter:
             )
         return identity.DefaultAzureCredential()
 
-    def key(self, path: str) -> str:
-        return object_key(self.root, path)
+    def _size(self, client: Any, key: str) -> int:
+        return int(client.get_blob_client(key).get_blob_properties().size)
 
-    def object_size(self, path: str) -> int | None:
-        key = self.key(path)
-        properties = self._call("HEAD", key, lambda blob: blob.get_blob_properties())
-        return None if properties is None else int(properties.size)
+    def _read(self, client: Any, key: str) -> bytes:
+        return bytes(client.get_blob_client(key).download_blob().readall())
 
-    def read_small(self, path: str) -> bytes | None:
-        key = self.key(path)
-        return self._call("GET", key, lambda blob: blob.download_blob().readall())
+    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int]]:
+        for properties in client.list_blobs(name_starts_with=prefix, results_per_page=self.list_page):
+            yield properties.name, int(properties.size)
 
-    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
-        prefix = directory_key(self.root, directory)
-        with self._failures("LIST", prefix):
-            for properties in self.client().list_blobs(name_starts_with=prefix, results_per_page=self.list_page):
-                yield relative_path(self.root, properties.name), int(properties.size)
-
-    def _call(self, operation: str, key: str, action: Any) -> Any:
+    def _is_absent(self, error: Exception) -> bool:
         from azure.core.exceptions import ResourceNotFoundError
 
-        with self._failures(operation, key):
-            try:
-                return action(self.client().get_blob_client(key))
-            except ResourceNotFoundError as error:
-                if error.error_code == "ContainerNotFound":
-                    raise
-                return None
+        # A missing container is a ResourceNotFoundError too, but it is a misconfiguration, not an absent blob.
+        return isinstance(error, ResourceNotFoundError) and error.error_code != "ContainerNotFound"
 
-    @contextlib.contextmanager
-    def _failures(self, operation: str, key: str) -> Iterator[None]:
-        """The SDK's errors as StorageErrors that name the call and the blob."""
-        from azure.core.exceptions import AzureError, HttpResponseError
+    def _service_answer(self, error: Exception) -> tuple[int | None, str | None] | None:
+        from azure.core.exceptions import HttpResponseError
 
-        where = f"{self.container}/{key}"
-        try:
-            yield
-        except HttpResponseError as error:
-            raise backend_failure("azure", operation, where, error.status_code, error.error_code) from None
-        except AzureError as error:
-            raise StorageError(
-                f"azure {operation} {where} at {public_url(self._service_url)}: {type(error).__name__}"
-            ) from None
+        if not isinstance(error, HttpResponseError):
+            return None
+        return error.status_code, error.error_code
+
+    def _no_answer(self, error: Exception) -> str | None:
+        from azure.core.exceptions import AzureError
+
+        # HttpResponseError is an AzureError too, but _service_answer has taken it already.
+        return type(error).__name__ if isinstance(error, AzureError) else None
+
+    def _shown_endpoint(self) -> str:
+        return public_url(self._service_url)
 
 
 def _credentials(params: DriverParameters) -> tuple[str, SecretStr | None, SecretStr | None]:

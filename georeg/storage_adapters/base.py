@@ -7,7 +7,6 @@ built only from validated repository names and digests.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,10 +16,6 @@ from georeg.references import validate_digest, validate_repository, validate_tag
 
 REGISTRY_PREFIX = "docker/registry/v2"
 BLOBS_DIRECTORY = f"{REGISTRY_PREFIX}/blobs/"
-
-# Guards the lazy creation of an SDK client: shared-storage checks run in several threads at once,
-# and each would otherwise build a client of its own (boto3 loads its service model each time).
-CLIENT_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)

@@ -7,21 +7,13 @@ host (the scheme comes from `secure`). Object keys are `<rootdirectory>/<path>`,
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterator
 from typing import Any
 
-from georeg.storage_adapters.base import CLIENT_LOCK, StorageError, StorageLocation, backend_failure
-from georeg.storage_adapters.params import (
-    DriverParameters,
-    directory_key,
-    location_root,
-    normalise_endpoint,
-    normalise_root,
-    object_key,
-    relative_path,
-)
+from georeg.storage_adapters.base import StorageError
+from georeg.storage_adapters.object_store import ObjectStoreAdapter
+from georeg.storage_adapters.params import DriverParameters, normalise_endpoint
 
 PARAMETERS = {
     "accesskeyid",
@@ -40,16 +32,14 @@ _INTERNAL_HOST = re.compile(r"(?P<region>.+)-internal\.aliyuncs\.com")
 TIMEOUT_S = 30
 
 
-class OssAdapter:
+class OssAdapter(ObjectStoreAdapter):
     """Reads objects with oss2 (path-style requests when the endpoint is an IP address or localhost)."""
 
-    list_page = 1000  # objects per listing request
+    backend = "oss"
+    known_parameters = PARAMETERS
 
-    def __init__(self, parameters: dict[str, Any]) -> None:
-        params = DriverParameters("oss", parameters, PARAMETERS)
+    def _configure(self, params: DriverParameters) -> str:
         self.region = params.required("region")
-        self.bucket = params.required("bucket")
-        self.root = normalise_root(params.string("rootdirectory"))
         self._access_key_id = params.secret("accesskeyid", required=True)
         self._access_key_secret = params.secret("accesskeysecret", required=True)
         scheme = "https" if params.boolean("secure", True) else "http"
@@ -59,74 +49,52 @@ class OssAdapter:
         self._endpoint_url = host if "://" in host else f"{scheme}://{host}"
         endpoint = normalise_endpoint(self._endpoint_url, params.key("endpoint"))
         internal_host = _INTERNAL_HOST.fullmatch(endpoint)
-        self.endpoint = f"{internal_host.group('region')}.aliyuncs.com" if internal_host else endpoint
-        self._bucket: Any = None
-
-    def __repr__(self) -> str:
-        return f"OssAdapter(endpoint={self.endpoint!r}, bucket={self.bucket!r}, root={location_root(self.root)!r})"
-
-    def location(self) -> StorageLocation:
-        return StorageLocation("oss", self.endpoint, self.bucket, location_root(self.root))
-
-    def connect(self) -> None:
-        self.client()
-
-    def client(self) -> Any:
-        with CLIENT_LOCK:  # made once, though the first calls may come from several threads at once
-            return self._make_client()
+        return f"{internal_host.group('region')}.aliyuncs.com" if internal_host else endpoint
 
     def _make_client(self) -> Any:
-        if self._bucket is None:
-            import oss2
-
-            assert self._access_key_id is not None and self._access_key_secret is not None
-            auth = oss2.Auth(self._access_key_id.get_secret_value(), self._access_key_secret.get_secret_value())
-            self._bucket = oss2.Bucket(auth, self._endpoint_url, self.bucket, connect_timeout=TIMEOUT_S)
-        return self._bucket
-
-    def key(self, path: str) -> str:
-        return object_key(self.root, path)
-
-    def object_size(self, path: str) -> int | None:
-        key = self.key(path)
-        result = self._call("HEAD", key, lambda bucket: bucket.head_object(key))
-        return None if result is None else int(result.content_length)
-
-    def read_small(self, path: str) -> bytes | None:
-        key = self.key(path)
-        return self._call("GET", key, lambda bucket: bucket.get_object(key).read())
-
-    def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        """oss2's client for the bucket (oss2.Bucket)."""
         import oss2
 
-        prefix = directory_key(self.root, directory)
-        with self._failures("LIST", prefix):
-            for listed in oss2.ObjectIterator(self.client(), prefix=prefix, max_keys=self.list_page):
-                yield relative_path(self.root, listed.key), int(listed.size)
+        assert self._access_key_id is not None and self._access_key_secret is not None
+        auth = oss2.Auth(self._access_key_id.get_secret_value(), self._access_key_secret.get_secret_value())
+        return oss2.Bucket(auth, self._endpoint_url, self.bucket, connect_timeout=TIMEOUT_S)
 
-    def _call(self, operation: str, key: str, action: Any) -> Any:
+    def _size(self, client: Any, key: str) -> int:
+        return int(client.head_object(key).content_length)
+
+    def _read(self, client: Any, key: str) -> bytes:
+        return bytes(client.get_object(key).read())
+
+    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int]]:
+        import oss2
+
+        for listed in oss2.ObjectIterator(client, prefix=prefix, max_keys=self.list_page):
+            yield listed.key, int(listed.size)
+
+    def _is_absent(self, error: Exception) -> bool:
         from oss2.exceptions import NoSuchBucket, NotFound
 
-        with self._failures(operation, key):
-            try:
-                return action(self.client())
-            except NoSuchBucket:  # a NotFound too, but a missing bucket is an error, not an absent object
-                raise
-            except NotFound:
-                return None
+        # NoSuchBucket is a NotFound too, but a missing bucket is an error, not an absent object.
+        return isinstance(error, NotFound) and not isinstance(error, NoSuchBucket)
 
-    @contextlib.contextmanager
-    def _failures(self, operation: str, key: str) -> Iterator[None]:
-        """oss2's errors as StorageErrors that name the call and the object."""
-        from oss2.exceptions import OssError, RequestError, ServerError
+    def _service_answer(self, error: Exception) -> tuple[int | None, str | None] | None:
+        from oss2.exceptions import ServerError
 
-        where = f"{self.bucket}/{key}"
-        try:
-            yield
-        except RequestError:
-            raise StorageError(f"oss {operation} {where} at {self.endpoint}: no answer") from None
-        except ServerError as error:
-            # Never the error's details: OSS echoes the access key id in signature errors.
-            raise backend_failure("oss", operation, where, error.status, error.code or None) from None
-        except OssError as error:
-            raise StorageError(f"oss {operation} {where}: {type(error).__name__}", transient=False) from None
+        if not isinstance(error, ServerError):
+            return None
+        # Never the error's details: OSS echoes the access key id in signature errors.
+        return error.status, error.code or None
+
+    def _no_answer(self, error: Exception) -> str | None:
+        from oss2.exceptions import RequestError
+
+        return "no answer" if isinstance(error, RequestError) else None
+
+    def _failure(self, operation: str, where: str, error: Exception) -> StorageError | None:
+        from oss2.exceptions import OssError
+
+        failure = super()._failure(operation, where, error)
+        if failure is None and isinstance(error, OssError):
+            # oss2 refused on its own side (a CRC mismatch, a malformed answer): trying again will not help.
+            return StorageError(f"oss {operation} {where}: {type(error).__name__}", transient=False)
+        return failure

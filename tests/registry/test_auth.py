@@ -418,7 +418,10 @@ async def test_token_realm_failure_is_never_the_registry_answer(
             await client.get_manifest(repo_name, "v1")
         with pytest.raises(Unauthorized):
             await client.blob_size(repo_name, image.blobs[0].digest)
-    assert realm.server.hits
+    # Each of the four calls asked the realm for its token (the first after the registry's challenge, the
+    # others up front), with good credentials, and none of the realm's answers was taken for a token.
+    pull = TokenHit((f"repository:{repo_name}:pull",), realm.setup.service, authorized=True)
+    assert realm.server.hits == [pull] * 4
 
 
 async def test_token_realm_outage_is_transient(realm: TokenRealm, repo_name: str) -> None:

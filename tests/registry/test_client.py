@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -469,5 +470,15 @@ async def test_error_messages_never_carry_upload_state(
     for error in errors:
         assert "_state" not in str(error) and "?" not in (error.url or "")
         assert error.url is not None and error.url.startswith(f"/v2/{repo_name}/blobs/uploads/")
-    assert caplog.records, "the retries should have been logged"
+    # Each transient failure was retried once and logged once, as a warning; the permanent 404 was not retried.
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("georeg")]
+    assert [level for level, _ in logged] == [logging.WARNING] * 2, logged
+
+    def first_attempt_failed(method: str, failure: str) -> str:
+        path = rf"/v2/{re.escape(repo_name)}/blobs/uploads/[^?\s]+"  # no query string: it holds the upload state
+        return rf"primary: {method} {path} {failure} \(attempt 1 of 2, next in \d+\.\ds\)"
+
+    assert re.fullmatch(first_attempt_failed("PATCH", r"-> 500\b.*"), logged[0][1]), logged
+    # A reset connection: which transport error httpx reports for it depends on timing.
+    assert re.fullmatch(first_attempt_failed("PUT", r"failed: \w+: .*"), logged[1][1]), logged
     assert not [r for r in caplog.records if "_state" in r.getMessage()]

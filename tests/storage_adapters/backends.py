@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from georeg.storage_adapters import StorageAdapter, build_adapter
 
 REGISTRY_ROOT = "docker/registry/v2"
@@ -32,6 +35,9 @@ class Backend:
     env_param: str  # a parameter to take from REGISTRY_STORAGE_<DRIVER>_<PARAM> instead (a secret where any)
     secrets: list[str] = field(default_factory=list)  # parameters (keys, ids, passwords) never to be shown
     credential_param: str | None = None  # the secret the test service checks, if it checks one
+    # Secret parameters the test service ignores but the adapter still reads (gcs's emulator takes no
+    # credentials): given only to the test that looks for secrets in what an adapter shows.
+    unchecked_secrets: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # environment the adapter is made in
     root_spellings: Callable[[str], list[str]] = lambda root: [root, f"/{root}", f"{root}/", f"/{root}/"]
 
@@ -64,6 +70,23 @@ def cloud_key(root: str, path: str) -> str:
 def swift_key(prefix: str, path: str) -> str:
     """Where the swift driver puts `path`: `<prefix>/files/<path>`, only the outer slashes trimmed."""
     return f"{prefix}/files/{path}".strip("/")
+
+
+def service_account_key() -> dict[str, str]:
+    """A Google service-account key as its JSON key file holds it, with a new private key."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return {
+        "type": "service_account",
+        "project_id": "georeg-test",
+        "private_key_id": os.urandom(20).hex(),
+        "private_key": pem,
+        "client_email": "georeg@georeg-test.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
 
 
 def sha256(data: bytes) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.storage_adapters.backends import Backend, cloud_key, filesystem_backend, swift_key
+from tests.storage_adapters.backends import Backend, cloud_key, filesystem_backend, service_account_key, swift_key
 from tests.support.emulators import BUCKET, Azurite, GcsEmulator, MotoServer, SwiftNode
 from tests.support.oss_standin import OssStandIn
 
@@ -57,6 +57,7 @@ def gcs_backend(emulator: GcsEmulator) -> Backend:
         required=["bucket"],
         bad_values={"keyfile": "/nonexistent/key.json"},
         env_param="bucket",
+        unchecked_secrets={"credentials": service_account_key()},
         env={"STORAGE_EMULATOR_HOST": emulator.url},
     )
 

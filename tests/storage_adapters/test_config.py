@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from georeg.errors import ConfigError
 from georeg.storage_adapters import ADAPTERS, StorageError, StorageLocation, build_adapter
+from tests.storage_adapters.backends import service_account_key
 from tests.support.registry import free_port
 
 
@@ -114,24 +113,8 @@ def test_gcs_without_an_emulator_is_google(tmp_path: Path) -> None:
     )
 
 
-def _service_account_key() -> dict[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    return {
-        "type": "service_account",
-        "project_id": "georeg-test",
-        "private_key_id": "0123456789abcdef",
-        "private_key": pem,
-        "client_email": "georeg@georeg-test.iam.gserviceaccount.com",
-        "client_id": "1",
-        "token_uri": "https://oauth2.googleapis.com/token",
-    }
-
-
 def test_gcs_service_account_from_keyfile_or_inline(tmp_path: Path) -> None:
-    info = _service_account_key()
+    info = service_account_key()
     keyfile = tmp_path / "key.json"
     keyfile.write_text(json.dumps(info))
     secret_line = info["private_key"].splitlines()[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import socket
 import subprocess
@@ -11,14 +10,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+
+from tests.support.certificates import write_self_signed
 
 REGISTRY_BINARY = Path("/usr/bin/docker-registry")
 START_DEADLINE_S = 15.0
@@ -42,39 +39,13 @@ class TokenAuthSetup:
     realm: str = "http://127.0.0.1:1/unused-realm"
 
 
-def make_token_auth_setup(directory: Path, key_type: str = "rsa") -> TokenAuthSetup:
+def make_token_auth_setup(directory: Path, key_type: Literal["rsa", "ec"] = "rsa") -> TokenAuthSetup:
     """Generate a key and a self-signed cert; the registry trusts tokens signed by that key."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    if key_type == "rsa":
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    elif key_type == "ec":
-        key = ec.generate_private_key(ec.SECP256R1())
-    else:
-        raise ValueError(f"unknown key_type {key_type!r}; use 'rsa' or 'ec'")
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "georeg-test-token-signer")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .sign(key, hashes.SHA256())
+    setup = TokenAuthSetup(key_path=directory / "token-signer.key", cert_path=directory / "token-signer.crt")
+    write_self_signed(
+        setup.cert_path, setup.key_path, common_name="georeg-test-token-signer", key_type=key_type, valid_days=365
     )
-    key_path = directory / "token-signer.key"
-    cert_path = directory / "token-signer.crt"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return TokenAuthSetup(key_path=key_path, cert_path=cert_path)
+    return setup
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
