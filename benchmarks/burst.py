@@ -123,7 +123,7 @@ def wait_converged(site: Site, expected: dict[tuple[str, str], str]) -> float:
 
 def api_requests(site: Site) -> int:
     """Requests the Prefect server has answered so far (its access log, one line each)."""
-    return sum(1 for line in site.server_log.read_text(errors="replace").splitlines() if '" HTTP/1.1' in line)
+    return sum(1 for line in site.server_log.read_text(errors="replace").splitlines() if 'HTTP/1.1" ' in line)
 
 
 def runs_so_far(site: Site) -> tuple[int, int]:
@@ -206,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--moves", type=int, default=8, help="pushes of one more tag during the burst (default 8)")
     parser.add_argument("--singles", type=int, default=10, help="lone pushes measured before it (default 10)")
     parser.add_argument("--cases", default="inline,deployment-1,deployment-2", help=f"any of {', '.join(CASES)}")
+    parser.add_argument("--keep", metavar="DIR", help="keep each case's logs and data under DIR (default: removed)")
     add_prefect_database_argument(parser)
     return parser
 
@@ -225,9 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cases": {},
     }
     for case in cases:
-        with tempfile.TemporaryDirectory(prefix=f"georeg-burst-{case}-") as scratch:
+        with contextlib.ExitStack() as stack:
+            if arguments.keep:
+                scratch = Path(arguments.keep) / case
+                scratch.mkdir(parents=True, exist_ok=False)
+            else:
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"georeg-burst-{case}-")))
             try:
-                results["cases"][case] = measure_case(case, arguments, Path(scratch))
+                results["cases"][case] = measure_case(case, arguments, scratch)
             except (BenchmarkError, AssertionError) as error:
                 print(f"{case} failed: {error}", file=sys.stderr, flush=True)
                 results["cases"][case] = {"error": str(error)}

@@ -123,7 +123,7 @@ class DispatchConfig(_Strict):
         default=10, ge=1, le=1000, description="items one flow run takes when more are due than runs are free"
     )
     digest_push_delay_seconds: float = Field(
-        default=5.0,
+        default=10.0,
         ge=0,
         le=3600,
         description="how long a push by digest alone waits for the index that usually follows and covers it",

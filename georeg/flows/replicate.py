@@ -13,7 +13,7 @@ from georeg.config import load_config
 from georeg.errors import GeoregError, ReplicationError
 from georeg.events import DELETE
 from georeg.flows.common import event_outcomes, for_each_secondary
-from georeg.references import ImageReference, validate_reference, validate_repository
+from georeg.references import ImageReference, is_digest, validate_reference, validate_repository
 from georeg.registry import RegistryClient
 from georeg.sharing import decide_mode
 from georeg.tasks.replication import converge_deletion_task, copy_image_task
@@ -73,27 +73,37 @@ async def replicate_images(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     converge_deletion = with_retry_settings(converge_deletion_task, config.replication)
     room = asyncio.Semaphore(config.dispatch.concurrency)
 
+    covered: set[tuple[str, str, str]] = set()  # (secondary, repository, digest) an index of this run put
+
     async def settle(primary: RegistryClient, target: RegistryClient, claim: Claim) -> dict[str, Any]:
         image = ImageReference(claim.repository, claim.reference)
         try:
             async with outcomes.recording(target.name, image, claim) as outcome:
+                if (target.name, claim.repository, claim.reference) in covered:
+                    return {"secondary": target.name, "image": str(image), "outcome": "put with its index"}
                 if claim.action == DELETE:
                     deleted = await converge_deletion(primary, target, image)
                     return {"secondary": target.name, "image": str(image), "outcome": deleted.outcome.value}
                 mode = decide_mode(config, config.select_secondaries(target.name)[0])
                 copied = await copy_image(primary, target, image, config.replication, mode.storage)
                 outcome.covers = copied.children
+                covered.update((target.name, claim.repository, child) for child in copied.children)
                 return {"secondary": target.name, "mode": mode.mode.value, **copied.summary()}
         except GeoregError as error:
             return {"secondary": target.name, "image": str(image), "failed": str(error)}
 
     async def settle_all(primary: RegistryClient, target: RegistryClient) -> list[dict[str, Any]]:
         mine = [claim for claim in claims if claim.secondary == target.name]
-        return await asyncio.gather(*(bounded(room, settle(primary, target, claim)) for claim in mine))
+        # Pushes by digest last: most are children of an index in the same run, which puts them.
+        by_digest = [claim for claim in mine if claim.action != DELETE and is_digest(claim.reference)]
+        others = [claim for claim in mine if claim not in by_digest]
+        results = await asyncio.gather(*(bounded(room, settle(primary, target, claim)) for claim in others))
+        return results + await asyncio.gather(*(bounded(room, settle(primary, target, claim)) for claim in by_digest))
 
     async with event_outcomes(config) as outcomes:
-        secondaries = sorted({claim.secondary for claim in claims})
-        results = [result for name in secondaries for result in (await for_each_secondary(config, name, settle_all))[0]]
+        results = [
+            result for per_secondary in await for_each_secondary(config, None, settle_all) for result in per_secondary
+        ]
     failed = [result for result in results if "failed" in result]
     if failed:
         named = "; ".join(f"{r['image']} -> {r['secondary']}: {r['failed']}" for r in failed[:3])
