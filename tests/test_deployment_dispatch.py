@@ -75,6 +75,20 @@ class DeployedSite:
 
         return asyncio.run(read())
 
+    def batch_states(self) -> list[tuple[int, str]]:
+        """(items, state) of every `replicate-images` flow run."""
+        from prefect.client.orchestration import PrefectClient
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+        async def read() -> list[tuple[int, str]]:
+            async with PrefectClient(self.server.api_url) as client:
+                runs = await client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["replicate-images"]))
+                )
+                return [(len(run.parameters["items"]), run.state.type.value) for run in runs if run.state]
+
+        return asyncio.run(read())
+
     def flow_run_logs(self, flow_run_id: str) -> list[str]:
         """The messages the flow run logged, as the Prefect server stored them."""
         response = httpx.post(
@@ -85,7 +99,7 @@ class DeployedSite:
 
 
 @contextlib.contextmanager
-def deployed_site(root: Path, *, warm: bool = False) -> Iterator[DeployedSite]:
+def deployed_site(root: Path, *, warm: bool = False, **dispatch: Any) -> Iterator[DeployedSite]:
     """Registries, a Prefect server with georeg deployed, a worker (with a warm engine if `warm`), `georeg serve`."""
     receiver_port = free_port()
     notifications = deployments_notifications(f"http://127.0.0.1:{receiver_port}", SECRET)
@@ -95,7 +109,7 @@ def deployed_site(root: Path, *, warm: bool = False) -> Iterator[DeployedSite]:
         PrefectServer(root / "prefect-home") as server,
         contextlib.ExitStack() as stack,
     ):
-        config = write_georeg_config(root / "georeg.yaml", primary.url, secondary.url, mode="deployment")
+        config = write_georeg_config(root / "georeg.yaml", primary.url, secondary.url, mode="deployment", **dispatch)
         environment = clean_environment(
             PREFECT_API_URL=server.api_url,
             PREFECT_HOME=str(root / "prefect-home"),
@@ -179,6 +193,27 @@ def test_runs_keep_starting_after_the_deployment_is_deleted_and_deployed_again(s
         deadline=60,
         what="one COMPLETED flow run of the new deployment",
     )
+
+
+def test_a_backlog_is_shared_among_runs_on_the_worker(tmp_path: Path, repo_name: str):
+    # One run at a time: while the first image's run goes on, the rest of the backlog piles up and is
+    # handed to the worker in shared runs of `replicate-images`.
+    with deployed_site(tmp_path, concurrency=1) as site:
+        site.receiver.stop()
+        images = {f"{repo_name}-{number}": build_image("oci", layer_sizes=[100]) for number in range(8)}
+        with Pusher(site.primary.url) as pusher:
+            for repository, image in images.items():
+                pusher.push_image(repository, image, "v1")
+        site.receiver.start()
+
+        for repository, image in images.items():
+            site.wait_replicated(repository, "v1", image.digest)
+        wait_until(
+            lambda: "COMPLETED" in {state for _, state in site.batch_states()},
+            deadline=60,
+            what="a shared run to complete",
+        )
+        assert all(items > 1 for items, _ in site.batch_states())
 
 
 def test_a_failed_run_is_retried_with_backoff_and_stays_visible(tmp_path: Path, repo_name: str):
