@@ -16,6 +16,9 @@ children are pushed by digest), pushed by --clients clients at once, while one m
 --moves times. The burst is done when the secondary serves every tag with the primary's digest, the
 moved tag with its last one (polled every 50 ms).
 
+For reference, `skopeo copy --all` then copies the same tags from the primary into a fresh registry,
+--clients at a time, in the same run.
+
 Reported per case: seconds from the last push to the last image on the secondary; images per second
 over the whole burst (first push started -> all on the secondary); Prefect API requests, flow runs
 and task runs per image during the burst; lone-push latency p50 and p95. A table goes to stdout; the
@@ -29,11 +32,13 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,7 +47,9 @@ import httpx
 
 from benchmarks.common import add_prefect_database_argument, machine
 from benchmarks.event_latency import BenchmarkError, Site, push_and_wait, running_site
+from benchmarks.replicate import SKOPEO
 from tests.support.images import Image, Pusher, build_image, build_index
+from tests.support.registry import RegistryProcess
 
 CASES = ("inline", "deployment-1", "deployment-2", "inline-unbatched", "deployment-2-unbatched")
 POLL_S = 0.05
@@ -156,6 +163,7 @@ def measure_case(case: str, arguments: argparse.Namespace, root: Path) -> dict[s
         flow_runs_after, task_runs_after = runs_so_far(site)
         requests = api_requests(site) - requests_before
         load = os.getloadavg()[0]
+        reference = skopeo_reference(site, root, expected, arguments.clients) if arguments.skopeo else None
     images = arguments.images + arguments.moves
     result = {
         "pushing_s": round(last_push - first_push, 3),
@@ -170,8 +178,40 @@ def measure_case(case: str, arguments: argparse.Namespace, root: Path) -> dict[s
         "failed_runs_log": site.failed_runs()[:3],
         "load_1m_at_end": round(load, 2),
     }
+    if reference is not None:
+        result["skopeo_s"] = round(reference, 3)
+        result["skopeo_tags"] = len(expected)
+        result["skopeo_images_per_s"] = round(len(expected) / reference, 2)
     print(f"  {case}: all on the secondary {result['last_push_to_all_s']} s after the last push", flush=True)
     return result
+
+
+def skopeo_reference(site: Site, root: Path, expected: dict[tuple[str, str], str], clients: int) -> float:
+    """The reference tool on the same images: `skopeo copy --all` of each, `clients` at a time, from the
+    primary into a fresh registry. No notification or scheduling: what the copies alone cost."""
+    with RegistryProcess(root / "skopeo-target") as target:
+
+        def copy(key: tuple[str, str]) -> None:
+            repository, tag = key
+            subprocess.run(
+                [
+                    str(SKOPEO),
+                    "copy",
+                    "--all",
+                    "--src-tls-verify=false",
+                    "--dest-tls-verify=false",
+                    f"docker://{site.primary.url.removeprefix('http://')}/{repository}:{tag}",
+                    f"docker://{target.url.removeprefix('http://')}/{repository}:{tag}",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            list(pool.map(copy, expected))
+        return time.monotonic() - started
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -193,6 +233,11 @@ def format_table(results: dict[str, Any]) -> str:
             f"{figures['flow_runs_per_image']:>9.2f} {figures['task_runs_per_image']:>9.2f} "
             f"{figures['single_p50_s']:>8.3f} {figures['single_p95_s']:>8.3f} {figures['load_1m_at_end']:>5.1f}"
         )
+        if "skopeo_s" in figures:
+            lines.append(
+                f"  the same {figures['skopeo_tags']} tags by `skopeo copy --all`, {results['parameters']['clients']} "
+                f"at a time: {figures['skopeo_s']:.2f} s, {figures['skopeo_images_per_s']:.1f} img/s"
+            )
         if figures["failed_runs_log"]:
             lines.append(f"  failed runs: {figures['failed_runs_log'][0]}")
     return "\n".join(lines)
@@ -206,6 +251,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--moves", type=int, default=8, help="pushes of one more tag during the burst (default 8)")
     parser.add_argument("--singles", type=int, default=10, help="lone pushes measured before it (default 10)")
     parser.add_argument("--cases", default="inline,deployment-1,deployment-2", help=f"any of {', '.join(CASES)}")
+    parser.add_argument(
+        "--skopeo",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after each case, copy the same tags with skopeo for reference (default: yes)",
+    )
     parser.add_argument("--keep", metavar="DIR", help="keep each case's logs and data under DIR (default: removed)")
     add_prefect_database_argument(parser)
     return parser
