@@ -90,7 +90,11 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
             return refuse(415, "media_type", f"expected Content-Type {EVENTS_MEDIA_TYPE}")
         body = await _read_at_most(request, limit)
         if body is None:
-            return refuse(413, "too_large", f"the body exceeds {limit} bytes")
+            response = refuse(413, "too_large", f"the body exceeds {limit} bytes")
+            # A client that sent that much should start afresh; and if the discarding stopped at its caps,
+            # what is left of the body must not be read as the next request.
+            response.headers["Connection"] = "close"
+            return response
         try:
             classified = classify(json.loads(body))
         except (ValueError, RecursionError):
@@ -143,17 +147,44 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
     return app
 
 
+# After deciding 413, the rest of the body is read and dropped, up to this many times the limit and for at
+# most this long, before the answer goes out. A client still sending when the connection closes gets a
+# reset instead of the 413 (broken pipe), and the registry would log that rather than the reason; nginx's
+# lingering close does the same. The caps bound what a hostile client can make the receiver read.
+_DISCARD_FACTOR = 4
+_DISCARD_SECONDS = 5.0
+
+
 async def _read_at_most(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it is known to exceed `limit` (never buffering more than that)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        return None
+    """The body, or None when it exceeds `limit` (never buffering more than that); an oversized body is
+    read to its end and dropped, within the caps above, so that the client is listening for the answer."""
+    declared = request.headers.get("content-length", "")
+    too_large = declared.isdigit() and int(declared) > limit
+    if too_large and request.headers.get("expect", "").lower() == "100-continue":
+        return None  # the client sends nothing until it has an answer: there is nothing to drain
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _DISCARD_SECONDS
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            return None
-    return bytes(body)
+    received = 0
+    while True:
+        try:
+            # Only the discarding is timed: a legitimate body may trickle in as slowly as the server allows.
+            timeout = max(0.0, deadline - loop.time()) if too_large else None
+            message = await asyncio.wait_for(request.receive(), timeout)
+        except asyncio.TimeoutError:
+            break
+        if message["type"] == "http.disconnect":
+            break
+        piece = message.get("body", b"")
+        received += len(piece)
+        if not too_large:
+            body += piece
+            if len(body) > limit:
+                too_large, body = True, bytearray()
+                deadline = loop.time() + _DISCARD_SECONDS
+        if not message.get("more_body", False) or (too_large and received > _DISCARD_FACTOR * limit):
+            break
+    return None if too_large else bytes(body)
 
 
 async def _start_prefect_api() -> None:
