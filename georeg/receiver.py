@@ -1,8 +1,9 @@
 """The notification receiver: the primary registry's webhooks in, journaled work out.
 
 Routes: `POST /api/v4/container_registry_event/events` (GitLab's path, so existing registry configs
-work unchanged) and `POST /events`; `GET /healthz`; `GET /metrics` (Prometheus text); `GET /status`
-(the same document as `georeg status --json`).
+work unchanged) and `POST /events`; `GET /healthz`; `GET /metrics` (Prometheus text, counts only: no
+label holds a repository name); `GET /status` (the same document as `georeg status --json`, behind
+`Authorization: Bearer <notifications.status_token>`, and refused when no token is configured).
 
 An accepted event is in the journal before the 2xx leaves, so an event the registry considers
 delivered is never lost. The receiver answers fast and never 5xx for anything a request contains:
@@ -72,6 +73,8 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
     secrets = [secret.encode() for secret in config.notifications.accepted_secrets()]
     if not secrets:
         raise ConfigError("notifications.secret: georeg serve needs the secret the registry sends as Authorization")
+    token = config.notifications.status_token
+    status_token = token.get_secret_value().encode() if token is not None else None
     secondaries = [secondary.name for secondary in config.secondaries]
     limit = config.notifications.max_body_bytes
     metrics = ReceiverMetrics()
@@ -118,6 +121,14 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         return PlainTextResponse("ok")
 
     async def status(request: Request) -> Response:
+        # The document names repositories and their failures: only for holders of the status token.
+        if status_token is None:
+            return refuse(403, "status_disabled", "GET /status is off: set notifications.status_token to enable it")
+        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), status_token):
+            response = refuse(401, "status_unauthorized", "GET /status needs Authorization: Bearer <status_token>")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="georeg status"'
+            return response
         return JSONResponse(await collect_status(config, store))
 
     async def metrics_endpoint(request: Request) -> Response:
