@@ -46,11 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="georeg", description="Keep secondary container registries in sync with a primary."
     )
-    parser.add_argument("--config", help=f"config file (default: ${CONFIG_ENV}, else ./georeg.yaml)")
+    config_help = f"config file (default: ${CONFIG_ENV}, else ./georeg.yaml)"
+    parser.add_argument("--config", help=config_help)
+    # The global options once more for every command, so that `georeg replicate --config F REF` works too.
+    # SUPPRESS: a command that is not given one leaves the value given before the command in place.
+    global_options = argparse.ArgumentParser(add_help=False)
+    global_options.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[global_options])
         sub.set_defaults(command=handler, command_name=name)
         return sub
 
@@ -175,48 +180,64 @@ def _status(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(document: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+_STATUS_INDENT = "  "
 
-    table = Table(title="georeg: secondaries")
-    for column in (
-        "secondary",
-        "repositories",
-        "synced",
-        "failed",
-        "pending",
-        "synced %",
-        "verified",
-        "verification failed",
-        "oldest unsynced event",
-        "last backfill",
-    ):
-        table.add_column(column)
+
+def _print_status(document: dict[str, Any]) -> None:
+    """One block of `key: value` lines per secondary, wrapped to the terminal (80 columns when piped),
+    never cut: it must read the same in a pipe, a log or a narrow terminal. `--json` is for programs."""
+    import shutil
+
+    width = max(40, min(shutil.get_terminal_size(fallback=(80, 24)).columns, 120))
+    lines = [f"georeg status at {document['generated_at']}"]
     for entry in document["secondaries"]:
-        repositories, backfill = entry["repositories"], entry["last_backfill"]
-        percent = "-" if entry["synced_percent"] is None else f"{entry['synced_percent']:.1f}"
-        table.add_row(
-            entry["name"],
-            str(repositories["total"]),
-            str(repositories["synced"]),
-            str(repositories["failed"]),
-            str(repositories["pending"]),
-            percent,
-            str(entry["verification"]["verified"]),
-            str(entry["verification"]["failed"]),
-            entry["oldest_unsynced_event"] or "-",
-            f"{backfill['finished_at']} ({backfill['outcome']})" if backfill else "never",
-        )
-    console = Console()
-    console.print(table)
-    for entry in document["secondaries"]:
+        repositories, verification = entry["repositories"], entry["verification"]
+        percent = "-" if entry["synced_percent"] is None else f"{entry['synced_percent']:.1f}%"
+        lines += ["", f"secondary: {entry['name']}"]
+        fields = [
+            ("url", entry["url"]),
+            ("mode", f"{entry['mode']['mode']} ({entry['mode']['reason']})"),
+            ("repositories", str(repositories["total"])),
+            ("synced", f"{repositories['synced']} ({percent})"),
+            ("failed", str(repositories["failed"])),
+            ("pending", str(repositories["pending"])),
+            ("verified", str(verification["verified"])),
+            ("verification failed", str(verification["failed"])),
+            ("oldest unsynced event", entry["oldest_unsynced_event"] or "none"),
+            ("last backfill", _describe_run(entry["last_backfill"])),
+            ("last verification", _describe_run(entry["last_verification"])),
+        ]
+        lines += [_wrapped(f"{key}: {value}", width, _STATUS_INDENT) for key, value in fields]
+        if entry["failures"]:
+            lines.append(f"{_STATUS_INDENT}failing repositories:")
         for failure in entry["failures"]:
-            console.print(
-                f"[red]{entry['name']}: {failure['repository']}[/red] failed {failure['retry_count']}x, "
-                f"next try {failure['retry_at']}: {failure['last_failure']}",
-                highlight=False,
+            text = (
+                f"{failure['repository']}: failed {failure['retry_count']}x, next try "
+                f"{failure['retry_at'] or 'at the next backfill'}: {failure['last_failure'] or 'no reason recorded'}"
             )
+            lines.append(_wrapped(text, width, _STATUS_INDENT * 2))
+    print("\n".join(lines))
+
+
+def _describe_run(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "never"
+    return f"{run['finished_at'] or 'started ' + str(run['started_at'])} ({run['outcome'] or 'running'})"
+
+
+def _wrapped(text: str, width: int, indent: str) -> str:
+    """`text` wrapped at `width`, its continuation lines indented further. Long words (URLs, repository
+    names, digests) are never broken, so that they can be copied: such a line may run past `width`."""
+    import textwrap
+
+    return textwrap.fill(
+        text,
+        width=width,
+        initial_indent=indent,
+        subsequent_indent=indent + "    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 @contextlib.contextmanager
