@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -271,6 +272,10 @@ def _limits(arguments: argparse.Namespace) -> int:
 
 
 def _serve(arguments: argparse.Namespace) -> int:
+    from georeg.lifecycle import block_stop_signals, stop_prefect, watch_stop_signals
+
+    # First, before any thread exists: SIGTERM and SIGINT are then taken by one thread (georeg.lifecycle).
+    block_stop_signals()
     import uvicorn
 
     from georeg.receiver import create_app
@@ -278,14 +283,47 @@ def _serve(arguments: argparse.Namespace) -> int:
 
     config = load_config()
     app = create_app(config, StateStore(config.state.url))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=arguments.host,
+            port=arguments.port,
+            log_level="info",
+            access_log=False,
+            timeout_graceful_shutdown=_REQUEST_GRACE_SECONDS,
+        )
+    )
+    grace = config.dispatch.shutdown_grace_seconds
+
+    def stop(signum: int, first: bool) -> None:
+        # uvicorn stops accepting, answers the requests in flight, then runs the app's shutdown, where the
+        # flow runs in flight get dispatch.shutdown_grace_seconds; then Prefect's temporary server is stopped.
+        name = signal.Signals(signum).name
+        if first:
+            print(f"georeg: {name}: stopping; flow runs in flight get up to {grace:g} s", file=sys.stderr, flush=True)
+            server.should_exit = True
+        else:
+            print(f"georeg: {name}: already stopping (within {grace:g} s)", file=sys.stderr, flush=True)
+
+    watch_stop_signals(stop)
     print(
         f"georeg: receiving on http://{arguments.host}:{arguments.port}/api/v4/container_registry_event/events "
         f"(dispatch: {config.dispatch.mode})",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=arguments.host, port=arguments.port, log_level="info", access_log=False)
+    try:
+        server.run()
+    finally:
+        stop_prefect()  # no process left behind: Prefect's temporary server, if it started one
+    if not server.started:  # it could not listen, or the app's start-up failed (uvicorn logged why)
+        return EXIT_FAILED
+    print("georeg: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+# A webhook request is small and answered at once; this bounds a slow client's hold on a stopping receiver.
+_REQUEST_GRACE_SECONDS = 5
 
 
 def _keygen(arguments: argparse.Namespace) -> int:

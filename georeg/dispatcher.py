@@ -211,6 +211,9 @@ class Dispatcher:
         self._active: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._pause_until = 0.0
+        self._stopping = False
+        self._abandoned: set[int] = set()  # claims whose runs shutdown cancelled: back to the journal
+        self._claims: dict[int, Claim] = {}  # the claims of the runs in _active
 
     @classmethod
     def for_config(cls, config: GeoregConfig, store: StateStore, observer: Any = None) -> Dispatcher:
@@ -231,7 +234,7 @@ class Dispatcher:
 
     async def dispatch_due(self) -> int:
         """Start flow runs for due work, up to the concurrency bound; return how many started."""
-        if time.time() < self._pause_until:
+        if self._stopping or time.time() < self._pause_until:
             return 0
         claims = await self.store.claim_due(self.settings.concurrency - len(self._active))
         for claim in claims:
@@ -244,9 +247,31 @@ class Dispatcher:
             await asyncio.gather(*self._active.values(), return_exceptions=True)
 
     async def stop(self) -> None:
-        for task in self._active.values():
+        """Stop at once: the runs in flight are cancelled (see `shutdown` for the graceful way)."""
+        await self.shutdown(grace_seconds=0)
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Start nothing more; let inline runs in flight finish for up to `grace_seconds`, then cancel the
+        rest and put their work back in the journal as pending, for the next start to run again.
+
+        Deployment runs are not waited for: they go on on their workers, and their rows keep their flow
+        run ids, so that the next start watches those runs again rather than starting new ones."""
+        self._stopping = True
+        inline = not isinstance(self.runs, DeploymentFlowRuns)
+        if inline and self._active and grace_seconds > 0:
+            logger.info("stopping: waiting up to %g s for %d flow run(s) in flight", grace_seconds, len(self._active))
+            await asyncio.wait(list(self._active.values()), timeout=grace_seconds)
+        left = dict(self._active)
+        if left and inline:
+            logger.warning(
+                "stopping: %d flow run(s) not finished within the grace period go back to the journal: %s",
+                len(left),
+                ", ".join(_describe(claim) for claim in self._claims_of(left)),
+            )
+        self._abandoned.update(left)
+        for task in left.values():
             task.cancel()
-        await asyncio.gather(*self._active.values(), return_exceptions=True)
+        await asyncio.gather(*left.values(), return_exceptions=True)
         await self.runs.close()
 
     async def _resume_after_restart(self) -> None:
@@ -260,7 +285,21 @@ class Dispatcher:
     def _start(self, claim: Claim) -> None:
         if self.observer:
             self.observer.started(claim)
+        self._claims[claim.id] = claim
         self._active[claim.id] = asyncio.create_task(self._execute(claim), name=f"georeg-work-{claim.id}")
+
+    def _claims_of(self, tasks: dict[int, asyncio.Task[None]]) -> list[Claim]:
+        return [self._claims[claim_id] for claim_id in tasks if claim_id in self._claims]
+
+    async def _abandon(self, claim: Claim) -> None:
+        """A run that shutdown cancelled: inline, its work goes back to pending; a deployment's row keeps
+        its flow run, which goes on on its worker and is watched again after the restart."""
+        if isinstance(self.runs, DeploymentFlowRuns):
+            return
+        try:
+            await self.store.release(claim)
+        except Exception as error:  # the row stays running; the next start releases it (_resume_after_restart)
+            logger.warning("%s: could not put the work back in the journal: %s", _describe(claim), error)
 
     async def _execute(self, claim: Claim) -> None:
         ok = False
@@ -274,8 +313,14 @@ class Dispatcher:
             self._pause_until = time.time() + self.settings.poll_seconds * 5
             await self.store.release(claim)
         except asyncio.CancelledError:
+            if claim.id in self._abandoned:
+                await self._abandon(claim)
             raise
         except Exception as error:  # every failure of a run is recorded, whatever its kind
+            if claim.id in self._abandoned:
+                # Prefect's engine may turn the cancellation into an error of its own: no failed attempt.
+                await self._abandon(claim)
+                return
             delay = await self.store.failed(
                 claim,
                 f"{type(error).__name__}: {error}",
@@ -287,7 +332,8 @@ class Dispatcher:
             )
         finally:
             self._active.pop(claim.id, None)
-            if self.observer:
+            self._claims.pop(claim.id, None)
+            if self.observer and claim.id not in self._abandoned:  # not an outcome: the run will be made again
                 self.observer.finished(claim, ok)
             self.wake()
 

@@ -32,6 +32,7 @@ from georeg.config import GeoregConfig
 from georeg.dispatcher import Dispatcher
 from georeg.errors import ConfigError
 from georeg.events import EVENTS_MEDIA_TYPE, InvalidEvents, classify
+from georeg.lifecycle import run_unblocked
 from georeg.state import Claim, StateStore
 from georeg.status import collect_status
 
@@ -144,11 +145,12 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         try:
             yield
         finally:
+            # uvicorn has stopped accepting and answered what was in flight; now the flow runs.
             if loop_task is not None:
                 loop_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
-            await dispatcher.stop()
+            await dispatcher.shutdown(config.dispatch.shutdown_grace_seconds)
 
     routes = [Route(path, receive_events, methods=["POST"]) for path in EVENTS_PATHS]
     routes += [Route("/healthz", healthz), Route("/metrics", metrics_endpoint), Route("/status", status)]
@@ -200,8 +202,12 @@ async def _read_at_most(request: Request, limit: int) -> bytes | None:
 
 async def _start_prefect_api() -> None:
     """Without PREFECT_API_URL, Prefect starts a temporary server on first use (about 10 s): pay it
-    at start-up rather than on the first event."""
+    at start-up rather than on the first event. It is started with the stop signals unblocked
+    (georeg.lifecycle), so that it obeys the SIGTERM that stops it."""
     from prefect.client.orchestration import get_client
 
-    async with get_client() as client:
-        await client.api_healthcheck()
+    def healthcheck() -> None:
+        with get_client(sync_client=True) as client:
+            client.api_healthcheck()
+
+    await asyncio.to_thread(run_unblocked, healthcheck)
