@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         "start flow runs of a process work pool from warm imports (set GEOREG_WARM_ENGINE for the worker)",
     )
     warm.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
+    warm.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long runs in flight may take to end "
+        "(default: the config's dispatch.shutdown_grace_seconds if there is a config, else 30)",
+    )
 
     keygen = command("keygen", _keygen, "create the key pair all registries trust (GitLab's gitlab-registry.key)")
     keygen.add_argument("key_file", metavar="KEY_FILE", help="private key to write (PEM, mode 0600)")
@@ -118,8 +125,14 @@ def _warm_engine(arguments: argparse.Namespace) -> int:
     own.addHandler(handler)
     own.setLevel(logging.INFO)
     own.propagate = False
-    with contextlib.suppress(KeyboardInterrupt):
-        serve(Path(arguments.socket))
+    grace = arguments.shutdown_grace_seconds
+    if grace is None:
+        # A warm engine needs no config of its own, but beside a worker it usually has georeg's.
+        grace = load_config().dispatch.shutdown_grace_seconds if config_path(arguments.config).is_file() else 30.0
+    if grace < 0:
+        raise ConfigError(f"--shutdown-grace-seconds: must be 0 or more, not {grace:g}")
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the warm engine has taken SIGINT over
+        serve(Path(arguments.socket), grace)
     return 0
 
 

@@ -213,9 +213,9 @@ def deploy_georeg(environment: dict[str, str]) -> None:
 class WarmEngine(BackgroundProcess):
     """`georeg warm-engine`: the flow runs of a worker given it start as forks of this process."""
 
-    def __init__(self, root: Path, environment: dict[str, str]) -> None:
+    def __init__(self, root: Path, environment: dict[str, str], *arguments: str) -> None:
         self.socket_path = root / "warm-engine.sock"
-        command = [sys.executable, "-m", "georeg.cli", "warm-engine", "--socket", str(self.socket_path)]
+        command = [sys.executable, "-m", "georeg.cli", "warm-engine", "--socket", str(self.socket_path), *arguments]
         super().__init__(command, root / "warm-engine.log", environment)
 
     def start(self) -> WarmEngine:
