@@ -160,8 +160,12 @@ def serve(path: Path, grace_seconds: float = 30.0) -> None:
         os.umask(old_mask)
     listener.listen(64)
     stop_signals: list[int] = []
+
+    def note_stop(signum: int, _frame: Any) -> None:
+        stop_signals.append(signum)  # acted on by the loop below, between two selects
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda received, _frame: stop_signals.append(received))
+        signal.signal(signum, note_stop)
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}
