@@ -230,6 +230,9 @@ def _print_status(document: dict[str, Any]) -> None:
                 f"{failure['retry_at'] or 'at the next backfill'}: {failure['last_failure'] or 'no reason recorded'}"
             )
             lines.append(_wrapped(text, width, _STATUS_INDENT * 2))
+        hidden = repositories["failed"] - len(entry["failures"])
+        if hidden > 0:
+            lines.append(_wrapped(f"and {hidden} more (the most recent failures are shown)", width, _STATUS_INDENT * 2))
     print("\n".join(lines))
 
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -187,7 +187,9 @@ async def _read_at_most(request: Request, limit: int) -> bytes | None:
         except asyncio.TimeoutError:
             break
         if message["type"] == "http.disconnect":
-            break
+            if too_large:
+                break
+            raise ClientDisconnect()  # as request.stream() does: a body cut short is never processed
         piece = message.get("body", b"")
         received += len(piece)
         if not too_large:
