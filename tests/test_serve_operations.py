@@ -186,6 +186,7 @@ def test_a_stop_signal_lets_runs_finish_puts_the_rest_back_and_leaves_no_process
             took = time.monotonic() - stopped_at
 
     assert code == 0, serve.log_tail()
+    assert SECRET not in serve.log_path.read_text()  # the notification secret never reaches the log
     assert GRACE - 1 < took < GRACE + 30  # it waited for the held run, then gave up on it
     assert [pid for pid in children if alive(pid)] == [], "processes left behind"
     with Pusher(registry_pair.secondary.url) as secondary:
