@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -46,11 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="georeg", description="Keep secondary container registries in sync with a primary."
     )
-    parser.add_argument("--config", help=f"config file (default: ${CONFIG_ENV}, else ./georeg.yaml)")
+    config_help = f"config file (default: ${CONFIG_ENV}, else ./georeg.yaml)"
+    parser.add_argument("--config", help=config_help)
+    # The global options once more for every command, so that `georeg replicate --config F REF` works too.
+    # SUPPRESS: a command that is not given one leaves the value given before the command in place.
+    global_options = argparse.ArgumentParser(add_help=False)
+    global_options.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[global_options])
         sub.set_defaults(command=handler, command_name=name)
         return sub
 
@@ -91,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         "start flow runs of a process work pool from warm imports (set GEOREG_WARM_ENGINE for the worker)",
     )
     warm.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
+    warm.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long runs in flight may take to end "
+        "(default: the config's dispatch.shutdown_grace_seconds if there is a config, else 30)",
+    )
 
     keygen = command("keygen", _keygen, "create the key pair all registries trust (GitLab's gitlab-registry.key)")
     keygen.add_argument("key_file", metavar="KEY_FILE", help="private key to write (PEM, mode 0600)")
@@ -112,8 +125,14 @@ def _warm_engine(arguments: argparse.Namespace) -> int:
     own.addHandler(handler)
     own.setLevel(logging.INFO)
     own.propagate = False
-    with contextlib.suppress(KeyboardInterrupt):
-        serve(Path(arguments.socket))
+    grace = arguments.shutdown_grace_seconds
+    if grace is None:
+        # A warm engine needs no config of its own, but beside a worker it usually has georeg's.
+        grace = load_config().dispatch.shutdown_grace_seconds if config_path(arguments.config).is_file() else 30.0
+    if grace < 0:
+        raise ConfigError(f"--shutdown-grace-seconds: must be 0 or more, not {grace:g}")
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the warm engine has taken SIGINT over
+        serve(Path(arguments.socket), grace)
     return 0
 
 
@@ -175,48 +194,67 @@ def _status(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(document: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+_STATUS_INDENT = "  "
 
-    table = Table(title="georeg: secondaries")
-    for column in (
-        "secondary",
-        "repositories",
-        "synced",
-        "failed",
-        "pending",
-        "synced %",
-        "verified",
-        "verification failed",
-        "oldest unsynced event",
-        "last backfill",
-    ):
-        table.add_column(column)
+
+def _print_status(document: dict[str, Any]) -> None:
+    """One block of `key: value` lines per secondary, wrapped to the terminal (80 columns when piped),
+    never cut: it must read the same in a pipe, a log or a narrow terminal. `--json` is for programs."""
+    import shutil
+
+    width = max(40, min(shutil.get_terminal_size(fallback=(80, 24)).columns, 120))
+    lines = [f"georeg status at {document['generated_at']}"]
     for entry in document["secondaries"]:
-        repositories, backfill = entry["repositories"], entry["last_backfill"]
-        percent = "-" if entry["synced_percent"] is None else f"{entry['synced_percent']:.1f}"
-        table.add_row(
-            entry["name"],
-            str(repositories["total"]),
-            str(repositories["synced"]),
-            str(repositories["failed"]),
-            str(repositories["pending"]),
-            percent,
-            str(entry["verification"]["verified"]),
-            str(entry["verification"]["failed"]),
-            entry["oldest_unsynced_event"] or "-",
-            f"{backfill['finished_at']} ({backfill['outcome']})" if backfill else "never",
-        )
-    console = Console()
-    console.print(table)
-    for entry in document["secondaries"]:
+        repositories, verification = entry["repositories"], entry["verification"]
+        percent = "-" if entry["synced_percent"] is None else f"{entry['synced_percent']:.1f}%"
+        lines += ["", f"secondary: {entry['name']}"]
+        fields = [
+            ("url", entry["url"]),
+            ("mode", f"{entry['mode']['mode']} ({entry['mode']['reason']})"),
+            ("repositories", str(repositories["total"])),
+            ("synced", f"{repositories['synced']} ({percent})"),
+            ("failed", str(repositories["failed"])),
+            ("pending", str(repositories["pending"])),
+            ("verified", str(verification["verified"])),
+            ("verification failed", str(verification["failed"])),
+            ("oldest unsynced event", entry["oldest_unsynced_event"] or "none"),
+            ("last backfill", _describe_run(entry["last_backfill"])),
+            ("last verification", _describe_run(entry["last_verification"])),
+        ]
+        lines += [_wrapped(f"{key}: {value}", width, _STATUS_INDENT) for key, value in fields]
+        if entry["failures"]:
+            lines.append(f"{_STATUS_INDENT}failing repositories:")
         for failure in entry["failures"]:
-            console.print(
-                f"[red]{entry['name']}: {failure['repository']}[/red] failed {failure['retry_count']}x, "
-                f"next try {failure['retry_at']}: {failure['last_failure']}",
-                highlight=False,
+            text = (
+                f"{failure['repository']}: failed {failure['retry_count']}x, next try "
+                f"{failure['retry_at'] or 'at the next backfill'}: {failure['last_failure'] or 'no reason recorded'}"
             )
+            lines.append(_wrapped(text, width, _STATUS_INDENT * 2))
+        hidden = repositories["failed"] - len(entry["failures"])
+        if hidden > 0:
+            lines.append(_wrapped(f"and {hidden} more (the most recent failures are shown)", width, _STATUS_INDENT * 2))
+    print("\n".join(lines))
+
+
+def _describe_run(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "never"
+    return f"{run['finished_at'] or 'started ' + str(run['started_at'])} ({run['outcome'] or 'running'})"
+
+
+def _wrapped(text: str, width: int, indent: str) -> str:
+    """`text` wrapped at `width`, its continuation lines indented further. Long words (URLs, repository
+    names, digests) are never broken, so that they can be copied: such a line may run past `width`."""
+    import textwrap
+
+    return textwrap.fill(
+        text,
+        width=width,
+        initial_indent=indent,
+        subsequent_indent=indent + "    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 @contextlib.contextmanager
@@ -250,6 +288,10 @@ def _limits(arguments: argparse.Namespace) -> int:
 
 
 def _serve(arguments: argparse.Namespace) -> int:
+    from georeg.lifecycle import block_stop_signals, stop_prefect, watch_stop_signals
+
+    # First, before any thread exists: SIGTERM and SIGINT are then taken by one thread (georeg.lifecycle).
+    block_stop_signals()
     import uvicorn
 
     from georeg.receiver import create_app
@@ -257,14 +299,47 @@ def _serve(arguments: argparse.Namespace) -> int:
 
     config = load_config()
     app = create_app(config, StateStore(config.state.url))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=arguments.host,
+            port=arguments.port,
+            log_level="info",
+            access_log=False,
+            timeout_graceful_shutdown=_REQUEST_GRACE_SECONDS,
+        )
+    )
+    grace = config.dispatch.shutdown_grace_seconds
+
+    def stop(signum: int, first: bool) -> None:
+        # uvicorn stops accepting, answers the requests in flight, then runs the app's shutdown, where the
+        # flow runs in flight get dispatch.shutdown_grace_seconds; then Prefect's temporary server is stopped.
+        name = signal.Signals(signum).name
+        if first:
+            print(f"georeg: {name}: stopping; flow runs in flight get up to {grace:g} s", file=sys.stderr, flush=True)
+            server.should_exit = True
+        else:
+            print(f"georeg: {name}: already stopping (within {grace:g} s)", file=sys.stderr, flush=True)
+
+    watch_stop_signals(stop)
     print(
         f"georeg: receiving on http://{arguments.host}:{arguments.port}/api/v4/container_registry_event/events "
         f"(dispatch: {config.dispatch.mode})",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=arguments.host, port=arguments.port, log_level="info", access_log=False)
+    try:
+        server.run()
+    finally:
+        stop_prefect()  # no process left behind: Prefect's temporary server, if it started one
+    if not server.started:  # it could not listen, or the app's start-up failed (uvicorn logged why)
+        return EXIT_FAILED
+    print("georeg: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+# A webhook request is small and answered at once; this bounds a slow client's hold on a stopping receiver.
+_REQUEST_GRACE_SECONDS = 5
 
 
 def _keygen(arguments: argparse.Namespace) -> int:

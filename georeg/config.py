@@ -20,6 +20,7 @@ from georeg.errors import ConfigError
 CONFIG_ENV = "GEOREG_CONFIG"
 DEFAULT_CONFIG_PATH = Path("georeg.yaml")
 MIB = 1024 * 1024
+STATUS_TOKEN_MIN_LENGTH = 16
 
 
 class _Strict(BaseModel):
@@ -98,6 +99,25 @@ class NotificationsConfig(_Strict):
     secret: SecretStr | None = None
     secrets: list[SecretStr] = Field(default_factory=list, description="more accepted secrets, for rotation")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    status_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token `GET /status` requires; without one, /status is refused (403)",
+    )
+
+    @field_validator("status_token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        # The status document names every repository that fails and why: no guessable token guards it.
+        if token is not None and len(token.get_secret_value()) < STATUS_TOKEN_MIN_LENGTH:
+            raise ValueError(f"must be at least {STATUS_TOKEN_MIN_LENGTH} characters")
+        return token
+
+    @model_validator(mode="after")
+    def _status_token_is_not_a_secret(self) -> NotificationsConfig:
+        # Whoever may read /status must not thereby be able to post events (and the other way round).
+        if self.status_token is not None and self.status_token.get_secret_value() in self.accepted_secrets():
+            raise ValueError("status_token must differ from notifications.secret and notifications.secrets")
+        return self
 
     def accepted_secrets(self) -> list[str]:
         values = ([self.secret] if self.secret else []) + list(self.secrets)
@@ -127,6 +147,13 @@ class DispatchConfig(_Strict):
         ge=0,
         le=3600,
         description="how long a push by digest alone waits for the index that usually follows and covers it",
+    )
+    shutdown_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="on SIGTERM/SIGINT, how long inline runs in flight may take to finish; "
+        "what has not finished then goes back to the journal as pending",
     )
     replicate_deployment: str = "replicate-image/replicate-image"
     batch_deployment: str = "replicate-images/replicate-images"

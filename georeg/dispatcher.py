@@ -228,10 +228,13 @@ class Dispatcher:
         self.settings = config.dispatch
         self.store = store
         self.runs = runs
-        self.observer = observer  # receives started(claim) / finished(claim, ok) for metrics
-        self._active: dict[int, asyncio.Task[None]] = {}
+        self.observer = observer  # receives started(claim) per item / finished(claims, ok) per run, for metrics
+        self._active: dict[int, asyncio.Task[None]] = {}  # by the id of the run's first claim
+        self._claims: dict[int, list[Claim]] = {}  # the claims of the runs in _active
         self._wake = asyncio.Event()
         self._pause_until = 0.0
+        self._stopping = False
+        self._abandoned: set[int] = set()  # runs that shutdown cancelled: their work goes back to the journal
 
     @classmethod
     def for_config(cls, config: GeoregConfig, store: StateStore, observer: Any = None) -> Dispatcher:
@@ -257,7 +260,7 @@ class Dispatcher:
         that brings more is shared among the free runs, up to `batch_size` items each: Prefect's
         bookkeeping per flow run, not the copies, is what limits how many images a second get across.
         """
-        if time.time() < self._pause_until:
+        if self._stopping or time.time() < self._pause_until:
             return 0
         free = self.settings.concurrency - len(self._active)
         if free <= 0:
@@ -274,9 +277,31 @@ class Dispatcher:
             await asyncio.gather(*self._active.values(), return_exceptions=True)
 
     async def stop(self) -> None:
-        for task in self._active.values():
+        """Stop at once: the runs in flight are cancelled (see `shutdown` for the graceful way)."""
+        await self.shutdown(grace_seconds=0)
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Start nothing more; let inline runs in flight finish for up to `grace_seconds`, then cancel the
+        rest and put their work back in the journal as pending, for the next start to run again.
+
+        Deployment runs are not waited for: they go on on their workers, and their rows keep their flow
+        run ids, so that the next start watches those runs again rather than starting new ones."""
+        self._stopping = True
+        inline = not isinstance(self.runs, DeploymentFlowRuns)
+        if inline and self._active and grace_seconds > 0:
+            logger.info("stopping: waiting up to %g s for %d flow run(s) in flight", grace_seconds, len(self._active))
+            await asyncio.wait(list(self._active.values()), timeout=grace_seconds)
+        left = dict(self._active)
+        if left and inline:
+            logger.warning(
+                "stopping: %d flow run(s) not finished within the grace period go back to the journal: %s",
+                len(left),
+                ", ".join(_describe(claim) for run in left for claim in self._claims.get(run, [])),
+            )
+        self._abandoned.update(left)
+        for task in left.values():
             task.cancel()
-        await asyncio.gather(*self._active.values(), return_exceptions=True)
+        await asyncio.gather(*left.values(), return_exceptions=True)
         await self.runs.close()
 
     async def _resume_after_restart(self) -> None:
@@ -294,11 +319,24 @@ class Dispatcher:
         if self.observer:
             for claim in claims:
                 self.observer.started(claim)
-        run = asyncio.create_task(self._execute(claims), name=f"georeg-work-{claims[0].id}")
-        self._active[claims[0].id] = run
+        run = claims[0].id
+        self._claims[run] = claims
+        self._active[run] = asyncio.create_task(self._execute(claims), name=f"georeg-work-{run}")
+
+    async def _abandon(self, claims: list[Claim]) -> None:
+        """A run that shutdown cancelled: inline, its work not yet settled goes back to pending; a
+        deployment's rows keep their flow run, which goes on on its worker and is watched again after
+        the restart."""
+        if isinstance(self.runs, DeploymentFlowRuns):
+            return
+        try:
+            for claim in claims if len(claims) == 1 else await self.store.journal.unsettled(claims):
+                await self.store.journal.release(claim)
+        except Exception as error:  # the rows stay running; the next start releases them (_resume_after_restart)
+            logger.warning("%s: could not put the work back in the journal: %s", _describe(claims[0]), error)
 
     async def _execute(self, claims: list[Claim]) -> None:
-        ok = False
+        run, ok = claims[0].id, False
         try:
             await self.runs.run(claims, self.store)
             ok = True
@@ -312,13 +350,20 @@ class Dispatcher:
             for claim in claims:
                 await self.store.journal.release(claim)
         except asyncio.CancelledError:
+            if run in self._abandoned:
+                await self._abandon(claims)
             raise
         except Exception as error:  # every failure of a run is recorded, whatever its kind
+            if run in self._abandoned:
+                # Prefect's engine may turn the cancellation into an error of its own: no failed attempt.
+                await self._abandon(claims)
+                return
             unsettled = claims if len(claims) == 1 else await self.store.journal.unsettled(claims)
             await self._failed(unsettled, f"{type(error).__name__}: {error}")
         finally:
-            self._active.pop(claims[0].id, None)
-            if self.observer:
+            self._active.pop(run, None)
+            self._claims.pop(run, None)
+            if self.observer and run not in self._abandoned:  # not an outcome: the run will be made again
                 self.observer.finished(claims, ok)
             self.wake()
 

@@ -1,8 +1,9 @@
 """The notification receiver: the primary registry's webhooks in, journaled work out.
 
 Routes: `POST /api/v4/container_registry_event/events` (GitLab's path, so existing registry configs
-work unchanged) and `POST /events`; `GET /healthz`; `GET /metrics` (Prometheus text); `GET /status`
-(the same document as `georeg status --json`).
+work unchanged) and `POST /events`; `GET /healthz`; `GET /metrics` (Prometheus text, counts only: no
+label holds a repository name); `GET /status` (the same document as `georeg status --json`, behind
+`Authorization: Bearer <notifications.status_token>`, and refused when no token is configured).
 
 An accepted event is in the journal before the 2xx leaves, so an event the registry considers
 delivered is never lost. The receiver answers fast and never 5xx for anything a request contains:
@@ -23,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -31,6 +32,7 @@ from georeg.config import GeoregConfig
 from georeg.dispatcher import Dispatcher
 from georeg.errors import ConfigError
 from georeg.events import EVENTS_MEDIA_TYPE, InvalidEvents, classify
+from georeg.lifecycle import run_unblocked
 from georeg.state import Claim, StateStore
 from georeg.status import collect_status
 
@@ -72,6 +74,8 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
     secrets = [secret.encode() for secret in config.notifications.accepted_secrets()]
     if not secrets:
         raise ConfigError("notifications.secret: georeg serve needs the secret the registry sends as Authorization")
+    token = config.notifications.status_token
+    status_token = token.get_secret_value().encode() if token is not None else None
     secondaries = [secondary.name for secondary in config.secondaries]
     limit = config.notifications.max_body_bytes
     metrics = ReceiverMetrics()
@@ -90,7 +94,11 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
             return refuse(415, "media_type", f"expected Content-Type {EVENTS_MEDIA_TYPE}")
         body = await _read_at_most(request, limit)
         if body is None:
-            return refuse(413, "too_large", f"the body exceeds {limit} bytes")
+            response = refuse(413, "too_large", f"the body exceeds {limit} bytes")
+            # A client that sent that much should start afresh; and if the discarding stopped at its caps,
+            # what is left of the body must not be read as the next request.
+            response.headers["Connection"] = "close"
+            return response
         try:
             classified = classify(json.loads(body))
         except (ValueError, RecursionError):
@@ -120,6 +128,14 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         return PlainTextResponse("ok")
 
     async def status(request: Request) -> Response:
+        # The document names repositories and their failures: only for holders of the status token.
+        if status_token is None:
+            return refuse(403, "status_disabled", "GET /status is off: set notifications.status_token to enable it")
+        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), status_token):
+            response = refuse(401, "status_unauthorized", "GET /status needs Authorization: Bearer <status_token>")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="georeg status"'
+            return response
         return JSONResponse(await collect_status(config, store))
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -135,11 +151,12 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         try:
             yield
         finally:
+            # uvicorn has stopped accepting and answered what was in flight; now the flow runs.
             if loop_task is not None:
                 loop_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
-            await dispatcher.stop()
+            await dispatcher.shutdown(config.dispatch.shutdown_grace_seconds)
 
     routes = [Route(path, receive_events, methods=["POST"]) for path in EVENTS_PATHS]
     routes += [Route("/healthz", healthz), Route("/metrics", metrics_endpoint), Route("/status", status)]
@@ -149,23 +166,56 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
     return app
 
 
+# After deciding 413, the rest of the body is read and dropped, up to this many times the limit and for at
+# most this long, before the answer goes out. A client still sending when the connection closes gets a
+# reset instead of the 413 (broken pipe), and the registry would log that rather than the reason; nginx's
+# lingering close does the same. The caps bound what a hostile client can make the receiver read.
+_DISCARD_FACTOR = 4
+_DISCARD_SECONDS = 5.0
+
+
 async def _read_at_most(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it is known to exceed `limit` (never buffering more than that)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        return None
+    """The body, or None when it exceeds `limit` (never buffering more than that); an oversized body is
+    read to its end and dropped, within the caps above, so that the client is listening for the answer."""
+    declared = request.headers.get("content-length", "")
+    too_large = declared.isdigit() and int(declared) > limit
+    if too_large and request.headers.get("expect", "").lower() == "100-continue":
+        return None  # the client sends nothing until it has an answer: there is nothing to drain
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _DISCARD_SECONDS
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            return None
-    return bytes(body)
+    received = 0
+    while True:
+        try:
+            # Only the discarding is timed: a legitimate body may trickle in as slowly as the server allows.
+            timeout = max(0.0, deadline - loop.time()) if too_large else None
+            message = await asyncio.wait_for(request.receive(), timeout)
+        except asyncio.TimeoutError:
+            break
+        if message["type"] == "http.disconnect":
+            if too_large:
+                break
+            raise ClientDisconnect()  # as request.stream() does: a body cut short is never processed
+        piece = message.get("body", b"")
+        received += len(piece)
+        if not too_large:
+            body += piece
+            if len(body) > limit:
+                too_large, body = True, bytearray()
+                deadline = loop.time() + _DISCARD_SECONDS
+        if not message.get("more_body", False) or (too_large and received > _DISCARD_FACTOR * limit):
+            break
+    return None if too_large else bytes(body)
 
 
 async def _start_prefect_api() -> None:
     """Without PREFECT_API_URL, Prefect starts a temporary server on first use (about 10 s): pay it
-    at start-up rather than on the first event."""
+    at start-up rather than on the first event. It is started with the stop signals unblocked
+    (georeg.lifecycle), so that it obeys the SIGTERM that stops it."""
     from prefect.client.orchestration import get_client
 
-    async with get_client() as client:
-        await client.api_healthcheck()
+    def healthcheck() -> None:
+        with get_client(sync_client=True) as client:
+            client.api_healthcheck()
+
+    await asyncio.to_thread(run_unblocked, healthcheck)

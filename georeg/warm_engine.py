@@ -30,6 +30,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,7 @@ PRELOAD = (
 _REAP_INTERVAL_S = 0.05
 _MAX_REQUEST_BYTES = 1 << 20
 _REQUEST_TIMEOUT_S = 5.0
+_TERMINATE_WAIT_S = 10.0  # after the grace period, how long a run told to stop may take before SIGKILL
 
 logger = logging.getLogger("georeg.warm_engine")
 
@@ -127,8 +129,13 @@ def _read_line(connection: socket.socket) -> dict[str, Any] | None:
 # --- the warm engine ------------------------------------------------------------------------------
 
 
-def serve(path: Path) -> None:
-    """Accept flow runs on the Unix socket at `path` until interrupted; each runs in a forked child.
+def serve(path: Path, grace_seconds: float = 30.0) -> None:
+    """Accept flow runs on the Unix socket at `path` until SIGTERM or SIGINT; each runs in a forked child.
+
+    On the signal it stops accepting at once (the socket goes, and a job command that finds none runs
+    the engine itself), gives the runs in flight up to `grace_seconds` to end, then ends the rest with
+    SIGTERM (SIGKILL after _TERMINATE_WAIT_S), reporting every exit to its job command. A second signal
+    cuts the wait short. No process of its own is left behind.
 
     This process never starts a thread or an event loop, so that a fork copies nothing half-done."""
     for module in PRELOAD:
@@ -152,13 +159,33 @@ def serve(path: Path) -> None:
     finally:
         os.umask(old_mask)
     listener.listen(64)
-    signal.signal(signal.SIGTERM, _stop)
+    stop_signals: list[int] = []
+
+    def note_stop(signum: int, _frame: Any) -> None:
+        stop_signals.append(signum)  # acted on by the loop below, between two selects
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, note_stop)
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}
+    deadline: float | None = None
     logger.info("warm engine ready at %s (pid %d)", path, os.getpid())
     try:
         while True:
+            if stop_signals and deadline is None:
+                selector.unregister(listener)
+                listener.close()
+                _remove_socket(path)
+                deadline = time.monotonic() + grace_seconds
+                logger.info(
+                    "%s: stopping; %d flow run(s) in flight get up to %g s",
+                    signal.Signals(stop_signals[0]).name,
+                    len(children),
+                    grace_seconds,
+                )
+            if deadline is not None and (not children or time.monotonic() >= deadline or len(stop_signals) > 1):
+                break
             for key, _ in selector.select(timeout=_REAP_INTERVAL_S):
                 if key.fileobj is listener:
                     _accept(listener, selector, children, settings, own_logging)
@@ -166,13 +193,38 @@ def serve(path: Path) -> None:
                     _stop_child_of(key.fileobj, selector)  # type: ignore[arg-type]
             _reap(selector, children)
     finally:
+        _end_children(selector, children)
         listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        if deadline is None:
+            _remove_socket(path)
+    logger.info("warm engine stopped")
 
 
-def _stop(_signum: int, _frame: Any) -> None:
-    raise SystemExit(0)  # through serve's cleanup, which removes the socket
+def _remove_socket(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _end_children(selector: selectors.BaseSelector, children: dict[int, socket.socket]) -> None:
+    """SIGTERM to the runs still going (their engines record them as crashed), SIGKILL to those that
+    outlive _TERMINATE_WAIT_S; each exit is reported to its job command, as ever."""
+    if children:
+        logger.warning("ending %d flow run(s) not finished within the grace period", len(children))
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + _TERMINATE_WAIT_S
+    while children and time.monotonic() < deadline:
+        selector.select(timeout=_REAP_INTERVAL_S)  # a pause that a child's exit does not need to wait out
+        _reap(selector, children)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    while children:
+        before = len(children)
+        _reap(selector, children)
+        if len(children) == before:
+            time.sleep(_REAP_INTERVAL_S)  # SIGKILL is not instant, and _reap never blocks
 
 
 def _accept(

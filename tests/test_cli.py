@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import httpx
 import jwt
 import pytest
+import yaml
 
+from georeg.state import StateStore
 from tests.conftest import RegistryPair, WriteConfig
 from tests.support.images import MANIFEST_ACCEPT, Pusher, build_image
 
 
 def georeg(*arguments: str, api_url: str | None = None) -> subprocess.CompletedProcess[str]:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    environment.pop("COLUMNS", None)  # piped output is formatted for 80 columns unless told otherwise
     if api_url:
         environment["PREFECT_API_URL"] = api_url
     return subprocess.run(
@@ -121,3 +127,106 @@ def test_keygen_writes_a_private_key_and_never_overwrites_it(tmp_path: Path):
 def test_help_is_available(command: list[str]):
     done = georeg(*command)
     assert done.returncode == 0 and "usage: georeg" in done.stdout
+
+
+LONG_FAILURE = (
+    "secondary: PUT /v2/group/very-long-repository-name/manifests/sha256:" + "e" * 64 + " -> 400 "
+    "MANIFEST_BLOB_UNKNOWN: blob unknown to registry; check that the blobs were copied before the manifest"
+)
+
+
+def status_site(tmp_path: Path) -> Path:
+    """A config whose state database holds a synced, a failed (with a long reason) and a pending repository."""
+    config = tmp_path / "status.yaml"
+    state_url = f"sqlite:///{tmp_path / 'status.db'}"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "primary": {"url": "http://127.0.0.1:1"},
+                "secondaries": [{"name": "far-away-secondary", "url": "http://registry.far-away.example.com:5000"}],
+                "state": {"url": state_url},
+            }
+        )
+    )
+
+    async def record() -> None:
+        store = StateStore(state_url)
+        try:
+            await store.create_tables()
+            await store.repository_synced("far-away-secondary", "group/app")
+            await store.sync.repository_failed("far-away-secondary", "group/broken", LONG_FAILURE, base=60, cap=3600)
+            await store.sync.set_repository_state("far-away-secondary", "group/new")
+        finally:
+            await store.close()
+
+    asyncio.run(record())
+    return config
+
+
+def test_status_reads_in_a_pipe_at_80_columns_and_cuts_nothing(tmp_path: Path):
+    config = status_site(tmp_path)
+
+    done = georeg("status", "--config", str(config))
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # Only a word longer than a line (a request path here) may run past 80 columns: it is kept whole.
+    assert all(len(line) <= 80 or len(line.split()) == 1 for line in lines), max(lines, key=len)
+    assert "…" not in done.stdout
+    assert "secondary: far-away-secondary" in lines
+    for expected in (
+        "  repositories: 3",
+        "  synced: 1 (33.3%)",
+        "  failed: 1",
+        "  pending: 1",
+        "  last backfill: never",
+    ):
+        assert expected in lines
+    # The failure, wrapped over several lines, is there whole: joined up again it reads as recorded.
+    failure_lines = lines[lines.index("  failing repositories:") + 1 :]
+    assert len(failure_lines) > 1
+    joined = " ".join(line.strip() for line in failure_lines)
+    assert joined.startswith("group/broken: failed 1x, next try ")
+    assert joined.endswith(textwrap.shorten(LONG_FAILURE, width=10_000))
+
+
+def test_status_json_is_unchanged_by_where_config_is_given(tmp_path: Path):
+    config = status_site(tmp_path)
+
+    before = json.loads(georeg("--config", str(config), "status", "--json").stdout)
+    after = json.loads(georeg("status", "--json", "--config", str(config)).stdout)
+
+    before.pop("generated_at"), after.pop("generated_at")
+    assert before == after
+    assert before["version"] == 1
+    [entry] = before["secondaries"]
+    assert set(entry) == {
+        "name",
+        "url",
+        "mode",
+        "repositories",
+        "synced_percent",
+        "verification",
+        "oldest_unsynced_event",
+        "last_backfill",
+        "last_verification",
+        "failures",
+    }
+    assert entry["repositories"] == {"total": 3, "synced": 1, "failed": 1, "pending": 1}
+    assert entry["failures"][0]["last_failure"] == LONG_FAILURE
+
+
+def test_config_after_the_command_is_the_config_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("primary: {url: 'http://127.0.0.1:1'}\nsecondaries: [{name: s, url: 'ftp://x'}]\n")
+    good = status_site(tmp_path)
+    monkeypatch.setenv("GEOREG_CONFIG", str(good))  # the option must win over the environment
+
+    after = georeg("replicate", "--config", str(bad), "app:1")
+    before = georeg("--config", str(bad), "replicate", "app:1")
+
+    assert after.returncode == before.returncode == 2
+    assert after.stderr == before.stderr
+    assert "secondaries[0].url: Value error, must start with http:// or https://" in after.stderr
+    # Given both before and after the command, the one after it counts.
+    assert georeg("--config", str(bad), "status", "--config", str(good)).returncode == 0

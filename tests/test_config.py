@@ -47,8 +47,13 @@ def test_the_documented_example_loads(config_dir):
 
 
 def test_secrets_do_not_show_in_the_config_repr(config_dir):
-    config = load(config_dir, VALID)
+    config = load(
+        config_dir, VALID.replace("{secret: change-me}", "{secret: change-me, status_token: tok-0123456789abcdef}")
+    )
     assert "hunter2" not in repr(config) and "change-me" not in repr(config)
+    assert "tok-0123456789abcdef" not in repr(config)
+    assert config.notifications.status_token is not None
+    assert config.dispatch.shutdown_grace_seconds == 30
 
 
 @pytest.mark.parametrize(
@@ -61,6 +66,12 @@ def test_secrets_do_not_show_in_the_config_repr(config_dir):
         (("url: http://127.0.0.1:5001", "url: 127.0.0.1:5001"), r"secondaries\[0\]\.url: Value error, must start"),
         (("key_file: registry.key", "key_file: missing.key"), r"primary\.auth\.key_file: file .*missing\.key does not"),
         (("  - name: secondary", "  - name: 'bad name!'"), r"secondaries\[0\]\.name: String should match"),
+        (("{secret: change-me}", "{secret: change-me, status_token: short}"), r"notifications\.status_token: .*16"),
+        (
+            ("{secret: change-me}", "{secret: change-me-0123456789, status_token: change-me-0123456789}"),
+            r"notifications: Value error, status_token must differ from notifications\.secret",
+        ),
+        (("replication:", "dispatch: {shutdown_grace_seconds: -1}\nreplication:"), r"dispatch\.shutdown_grace_seconds"),
     ],
 )
 def test_a_bad_value_names_its_key(config_dir, change, message):

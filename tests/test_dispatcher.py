@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 
-from georeg.config import DispatchConfig
-from georeg.dispatcher import DeploymentFlowRuns, SharedPrefectClient
+from georeg.config import DispatchConfig, GeoregConfig, parse_config
+from georeg.dispatcher import DeploymentFlowRuns, Dispatcher, SharedPrefectClient
+from georeg.events import REPLICATE, AcceptedEvent
+from georeg.state import Claim, StateStore
 
 pytestmark = pytest.mark.usefixtures("prefect_api_url")
 
@@ -83,3 +88,88 @@ async def test_a_flow_run_left_running_by_a_dead_worker_is_ended_as_crashed() ->
 def test_the_run_timeout_must_be_positive(seconds: float) -> None:
     with pytest.raises(ValueError, match="run_timeout_seconds"):
         DispatchConfig(run_timeout_seconds=seconds)
+
+
+class HeldRuns:
+    """Flow runs that end when the test releases them (one per repository), as long runs in flight do."""
+
+    def __init__(self) -> None:
+        self.release: dict[str, asyncio.Event] = {}
+        self.started: list[str] = []
+
+    async def run(self, claims: list[Claim], store: StateStore) -> None:
+        [claim] = claims  # two items and four free runs: a run each
+        self.started.append(claim.repository)
+        await self.release.setdefault(claim.repository, asyncio.Event()).wait()
+
+    async def close(self) -> None:
+        pass
+
+
+class HeldDeploymentRuns(DeploymentFlowRuns):
+    """Deployment runs whose flow runs were created and are going on on a worker (they never end here)."""
+
+    async def run(self, claims: list[Claim], store: StateStore) -> None:
+        [claim] = claims
+        await store.journal.set_flow_run(claim, f"flow-run-of-{claim.repository}")
+        await asyncio.Event().wait()
+
+
+async def journal_two_pushes(tmp_path: Path) -> tuple[GeoregConfig, StateStore]:
+    config = parse_config(
+        {
+            "primary": {"url": "http://127.0.0.1:1"},
+            "secondaries": [{"name": "east", "url": "http://127.0.0.1:2"}],
+            "state": {"url": f"sqlite:///{tmp_path / 'journal.db'}"},
+        },
+        base_dir=tmp_path,
+    )
+    store = StateStore(config.state.url)
+    await store.create_tables()
+    events = [AcceptedEvent(f"ev-{name}", REPLICATE, f"group/{name}", "1.0") for name in ("done", "left")]
+    assert await store.journal.record_events(events, ["east"]) == 2
+    return config, store
+
+
+async def test_shutdown_waits_for_runs_that_finish_and_puts_the_rest_back_as_pending(tmp_path: Path) -> None:
+    config, store = await journal_two_pushes(tmp_path)
+    runs = HeldRuns()
+    dispatcher = Dispatcher(config, store, runs)
+    try:
+        assert await dispatcher.dispatch_due() == 2
+
+        stopping = asyncio.create_task(dispatcher.shutdown(grace_seconds=2))
+        await asyncio.sleep(0)  # a yield: the shutdown begins while both runs are held
+        assert not stopping.done()  # it waits for them
+        runs.release.setdefault("group/done", asyncio.Event()).set()
+        await asyncio.wait_for(stopping, timeout=30)
+
+        assert await dispatcher.dispatch_due() == 0  # a stopping dispatcher starts nothing
+        assert await store.journal.running() == []
+        assert await store.journal.depth() == 1  # the finished run's row is gone; the other's is back
+        assert [claim.repository for claim in await store.journal.claim_due(10)] == ["group/left"]
+    finally:
+        await store.close()
+
+
+async def test_shutdown_leaves_deployment_runs_to_their_workers(tmp_path: Path) -> None:
+    config, store = await journal_two_pushes(tmp_path)
+    dispatcher = Dispatcher(config, store, HeldDeploymentRuns(config.dispatch))
+    try:
+        assert await dispatcher.dispatch_due() == 2
+        running = await store.journal.running()
+        for _ in range(100):  # both runs record their flow run ids at once
+            if all(claim.flow_run_id for claim in running):
+                break
+            await asyncio.sleep(0.01)
+            running = await store.journal.running()
+
+        await asyncio.wait_for(dispatcher.shutdown(grace_seconds=3600), timeout=30)  # no waiting for workers
+
+        # Still running, with their flow runs: the next start watches them rather than starting new ones.
+        assert sorted(claim.flow_run_id or "" for claim in await store.journal.running()) == [
+            "flow-run-of-group/done",
+            "flow-run-of-group/left",
+        ]
+    finally:
+        await store.close()

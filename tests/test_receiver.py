@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from georeg.config import parse_config
 from georeg.events import EVENTS_MEDIA_TYPE
@@ -20,28 +24,40 @@ PATH = "/api/v4/container_registry_event/events"
 DIGEST = "sha256:" + "d" * 64
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def receiver(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "postgresql":
-        state_url = request.getfixturevalue("postgres_url")
-    else:
-        state_url = f"sqlite:///{tmp_path / 'journal.db'}"
+STATUS_TOKEN = "status-token-0123456789"
+
+
+@contextlib.asynccontextmanager
+async def receiver_client(state_url: str, base_dir: Path, **notifications: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app (no dispatcher) with its journal, and an HTTP client talking to it."""
     config = parse_config(
         {
             "primary": {"url": "http://127.0.0.1:1"},
             "secondaries": [{"name": "east", "url": "http://127.0.0.1:2"}],
-            "notifications": {"secret": SECRET, "secrets": ["next-secret"], "max_body_bytes": 4096},
+            "notifications": {"secret": SECRET, "secrets": ["next-secret"], "max_body_bytes": 4096, **notifications},
             "state": {"url": state_url},
         },
-        base_dir=tmp_path,
+        base_dir=base_dir,
     )
     store = StateStore(config.state.url)
     await store.create_tables()
     app = create_app(config, store, dispatch=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://receiver") as client:
-        client.store = store  # type: ignore[attr-defined]
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://receiver") as client:
+            client.store = store  # type: ignore[attr-defined]
+            yield client
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def receiver(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    if request.param == "postgresql":
+        state_url = request.getfixturevalue("postgres_url")
+    else:
+        state_url = f"sqlite:///{tmp_path / 'journal.db'}"
+    async with receiver_client(state_url, tmp_path, status_token=STATUS_TOKEN) as client:
         yield client
-    await store.close()
 
 
 def envelope(*events: dict) -> bytes:
@@ -131,7 +147,7 @@ async def test_random_bodies_never_produce_a_5xx(receiver):
             body = bodies.randbytes(size)
             response = await post(receiver, body)
             assert 400 <= response.status_code < 500, body[:64]
-    assert await receiver.store.depth() == 0
+    assert await receiver.store.journal.depth() == 0
     assert (await receiver.get("/healthz")).text == "ok"
 
 
@@ -142,3 +158,52 @@ async def test_metrics_count_what_happened(receiver):
     assert "georeg_events_accepted_total 1.0" in text
     assert 'georeg_requests_rejected_total{reason="unauthorized"} 1.0' in text
     assert "georeg_journal_depth 1.0" in text
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer wrong-token-0123456789", f"Basic {STATUS_TOKEN}", STATUS_TOKEN, f"Bearer {SECRET}"],
+)
+async def test_status_needs_the_status_token_as_a_bearer_token(receiver, authorization):
+    headers = {} if authorization is None else {"Authorization": authorization}
+
+    refused = await receiver.get("/status", headers=headers)
+
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "secondaries" not in refused.text
+
+
+async def test_status_with_the_token_is_the_status_document(receiver):
+    await post(receiver, envelope(manifest_push()))
+
+    response = await receiver.get("/status", headers={"Authorization": f"Bearer {STATUS_TOKEN}"})
+
+    assert response.status_code == 200
+    document = response.json()
+    assert document["version"] == 1 and [entry["name"] for entry in document["secondaries"]] == ["east"]
+
+
+async def test_without_a_status_token_status_is_refused_and_the_rest_stays_open(tmp_path: Path):
+    async with receiver_client(f"sqlite:///{tmp_path / 'journal.db'}", tmp_path) as client:
+        refused = await client.get("/status", headers={"Authorization": f"Bearer {STATUS_TOKEN}"})
+        assert refused.status_code == 403
+        assert "notifications.status_token" in refused.json()["error"]
+        assert (await client.get("/healthz")).text == "ok"
+        assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_metrics_carry_no_repository_name(receiver):
+    await post(receiver, envelope(manifest_push("m1")))
+    await post(receiver, envelope(manifest_push("m2")), secret="nope")
+    await post(receiver, b"{bad")
+    await receiver.get("/status")
+
+    text = (await receiver.get("/metrics")).text
+
+    assert "group/app" not in text
+    labels = {
+        label for family in text_string_to_metric_families(text) for sample in family.samples for label in sample.labels
+    }
+    assert "reason" in labels and labels <= {"reason", "outcome", "le"}  # counts by kind, never by repository
+    assert SECRET not in text and STATUS_TOKEN not in text

@@ -3,12 +3,14 @@ work pool started as forks of a process that has imported Prefect and georeg alr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from tests.support.images import Pusher, build_image
 from tests.support.services import (
     WarmEngine,
     clean_environment,
+    descendants,
     wait_until,
 )
 from tests.test_deployment_dispatch import DeployedSite, deployed_site
@@ -185,3 +188,67 @@ def test_a_peer_that_sends_nothing_is_dropped_and_runs_go_on(warm_engine: WarmEn
 
     assert "Invalid flow run id" in done.stderr
     assert "flow run (no id) started as pid" in warm_engine.log_path.read_text()
+
+
+@contextlib.contextmanager
+def run_waiting_on_a_silent_api(engine: WarmEngine, log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A job command handed to `engine` whose run waits on a Prefect API that never answers; with its child."""
+    with socket.socket() as silent_api, log_path.open("wb") as log:
+        silent_api.bind(("127.0.0.1", 0))
+        silent_api.listen(16)
+        environment = {
+            **clean_environment(),
+            SOCKET_ENV: str(engine.socket_path),
+            "PREFECT_API_URL": f"http://127.0.0.1:{silent_api.getsockname()[1]}/api",
+        }
+        job = subprocess.Popen(
+            [sys.executable, "-m", "georeg.warm_engine", str(uuid.uuid4())], env=environment, stdout=log, stderr=log
+        )
+        try:
+            wait_until(lambda: "started as pid" in engine.log_path.read_text(), deadline=30, what="the fork")
+            [child] = [int(pid) for pid in re.findall(r"started as pid (\d+)", engine.log_path.read_text())]
+            yield job, child
+        finally:
+            job.kill()
+            job.wait()
+
+
+def test_a_stop_signal_ends_runs_left_after_the_grace_period_and_leaves_nothing(tmp_path: Path):
+    with WarmEngine(tmp_path, clean_environment(), "--shutdown-grace-seconds", "3") as engine:
+        assert engine.process is not None
+        with run_waiting_on_a_silent_api(engine, tmp_path / "job.log") as (job, child):
+            below = descendants(engine.process.pid)
+            assert below == [child]  # the run, and no server or helper of the warm engine's own
+
+            engine.process.send_signal(signal.SIGTERM)
+            stopped_at = time.monotonic()
+            wait_until(lambda: not engine.socket_path.exists(), deadline=5, what="the warm engine to stop accepting")
+            code = engine.process.wait(timeout=60)
+            took = time.monotonic() - stopped_at
+            job_code = job.wait(timeout=30)
+
+    assert code == 0, engine.log_tail()
+    assert 2 < took < 30  # it gave the run its 3 s before ending it
+    assert job_code != 0  # the run was ended, and its job command says so ...
+    assert "stopped during the flow run" not in (tmp_path / "job.log").read_text()  # ... with the run's own exit
+    assert "ending 1 flow run(s) not finished within the grace period" in engine.log_path.read_text()
+    assert not Path(f"/proc/{child}").exists()
+
+
+def test_a_stop_signal_waits_for_runs_that_end_within_the_grace_period(tmp_path: Path):
+    with WarmEngine(tmp_path, clean_environment(), "--shutdown-grace-seconds", "120") as engine:
+        assert engine.process is not None
+        with run_waiting_on_a_silent_api(engine, tmp_path / "job.log") as (job, child):
+            engine.process.send_signal(signal.SIGINT)
+            wait_until(lambda: not engine.socket_path.exists(), deadline=5, what="the warm engine to stop accepting")
+            assert engine.process.poll() is None and Path(f"/proc/{child}").exists()  # still serving its run
+
+            job.send_signal(signal.SIGTERM)  # the worker cancels the run: it ends, well within the grace period
+            job_code = job.wait(timeout=30)
+            code = engine.process.wait(timeout=30)
+
+    assert code == 0, engine.log_tail()
+    assert job_code != 0
+    assert "stopped during the flow run" not in (tmp_path / "job.log").read_text()
+    assert "not finished within the grace period" not in engine.log_path.read_text()
+    assert not Path(f"/proc/{child}").exists()

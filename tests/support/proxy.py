@@ -71,6 +71,18 @@ class Fault:
         return self.times > 0 and (self.method is None or self.method == method) and bool(self.path_regex.search(path))
 
 
+@dataclass
+class Hold:
+    """Requests matching `path_regex` wait until `release()`; `waiting` counts those that arrived."""
+
+    path_regex: re.Pattern[str]
+    released: threading.Event = field(default_factory=threading.Event)
+    waiting: int = 0
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class _TrackingH11Protocol(H11Protocol):
     """uvicorn's h11 protocol that exposes each connection's transport, so a fault can abort it."""
 
@@ -113,6 +125,7 @@ class FaultProxy:
         self.max_concurrent_transfers = 0
         self._transfers = 0
         self._faults: list[Fault] = []
+        self._holds: list[Hold] = []
         self._lock = threading.Lock()
         self._transports: dict[tuple[str, int], asyncio.Transport] = {}
         self._client: httpx.AsyncClient | None = None
@@ -150,6 +163,14 @@ class FaultProxy:
         fault = Fault(method, re.compile(path_regex), status, times, dict(headers or {}), body, reset, after_upstream)
         with self._lock:
             self._faults.append(fault)
+
+    def hold(self, path_regex: str) -> Hold:
+        """Hold requests whose path matches (re.search) until the returned Hold is released: a registry
+        that is slow to answer, for as long as a test needs. Stopping the proxy releases every hold."""
+        held = Hold(re.compile(path_regex))
+        with self._lock:
+            self._holds.append(held)
+        return held
 
     def clear(self) -> None:
         """Forget recorded requests, pending faults and the concurrency high-water mark."""
@@ -214,6 +235,11 @@ class FaultProxy:
 
     async def _handle(self, request: Request) -> Response:
         request.state.arrived_at = time.time()
+        with self._lock:
+            holds = [held for held in self._holds if held.path_regex.search(request.url.path)]
+        for held in holds:
+            held.waiting += 1
+            await asyncio.to_thread(held.released.wait)
         fault = self._take_fault(request.method, request.url.path)
         if fault is not None and not fault.after_upstream:
             sent = 0
@@ -327,6 +353,9 @@ class FaultProxy:
 
     def stop(self) -> None:
         """Ask uvicorn to exit, join its thread and release the socket."""
+        with self._lock:
+            for held in self._holds:
+                held.release()
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

@@ -137,8 +137,13 @@ def clean_environment(**overrides: str) -> dict[str, str]:
 class GeoregServe(BackgroundProcess):
     """`georeg serve` on a fixed port (kept across restarts, as a registry's endpoint URL is)."""
 
-    def __init__(self, config: Path, log_path: Path, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(
+        self, config: Path, log_path: Path, env: dict[str, str], port: int | None = None, ready_deadline: float = 60
+    ) -> None:
         self.port = port or free_port()
+        # Without PREFECT_API_URL, start-up includes Prefect's temporary server (and its database's
+        # migrations on a fresh PREFECT_HOME): give that more time.
+        self.ready_deadline = ready_deadline
         command = [sys.executable, "-m", "georeg.cli", "--config", str(config), "serve", "--port", str(self.port)]
         super().__init__(command, log_path, env)
 
@@ -149,8 +154,9 @@ class GeoregServe(BackgroundProcess):
     def start(self) -> GeoregServe:
         super().start()
         try:
-            wait_until(answers(f"{self.url}/healthz"), deadline=60, what="georeg serve to answer /healthz")
+            wait_until(answers(f"{self.url}/healthz"), deadline=self.ready_deadline, what="georeg serve to answer")
         except AssertionError:
+            self.kill_with_descendants()  # a `with` block that failed to enter never reaches __exit__
             raise AssertionError(f"georeg serve did not start:\n{self.log_tail()}") from None
         return self
 
@@ -211,9 +217,9 @@ def deploy_georeg(environment: dict[str, str]) -> None:
 class WarmEngine(BackgroundProcess):
     """`georeg warm-engine`: the flow runs of a worker given it start as forks of this process."""
 
-    def __init__(self, root: Path, environment: dict[str, str]) -> None:
+    def __init__(self, root: Path, environment: dict[str, str], *arguments: str) -> None:
         self.socket_path = root / "warm-engine.sock"
-        command = [sys.executable, "-m", "georeg.cli", "warm-engine", "--socket", str(self.socket_path)]
+        command = [sys.executable, "-m", "georeg.cli", "warm-engine", "--socket", str(self.socket_path), *arguments]
         super().__init__(command, root / "warm-engine.log", environment)
 
     def start(self) -> WarmEngine:
