@@ -172,9 +172,10 @@ def _verify(arguments: argparse.Namespace) -> int:
 
 def _status(arguments: argparse.Namespace) -> int:
     import json
+    import shutil
 
     from georeg.state import StateStore
-    from georeg.status import collect_status
+    from georeg.status import collect_status, format_status
 
     config = load_config()
 
@@ -190,71 +191,9 @@ def _status(arguments: argparse.Namespace) -> int:
     if arguments.json:
         print(json.dumps(document, indent=2))
     else:
-        _print_status(document)
+        width = max(40, min(shutil.get_terminal_size(fallback=(80, 24)).columns, 120))
+        print(format_status(document, width))
     return 0
-
-
-_STATUS_INDENT = "  "
-
-
-def _print_status(document: dict[str, Any]) -> None:
-    """One block of `key: value` lines per secondary, wrapped to the terminal (80 columns when piped),
-    never cut: it must read the same in a pipe, a log or a narrow terminal. `--json` is for programs."""
-    import shutil
-
-    width = max(40, min(shutil.get_terminal_size(fallback=(80, 24)).columns, 120))
-    lines = [f"georeg status at {document['generated_at']}"]
-    for entry in document["secondaries"]:
-        repositories, verification = entry["repositories"], entry["verification"]
-        percent = "-" if entry["synced_percent"] is None else f"{entry['synced_percent']:.1f}%"
-        lines += ["", f"secondary: {entry['name']}"]
-        fields = [
-            ("url", entry["url"]),
-            ("mode", f"{entry['mode']['mode']} ({entry['mode']['reason']})"),
-            ("repositories", str(repositories["total"])),
-            ("synced", f"{repositories['synced']} ({percent})"),
-            ("failed", str(repositories["failed"])),
-            ("pending", str(repositories["pending"])),
-            ("verified", str(verification["verified"])),
-            ("verification failed", str(verification["failed"])),
-            ("oldest unsynced event", entry["oldest_unsynced_event"] or "none"),
-            ("last backfill", _describe_run(entry["last_backfill"])),
-            ("last verification", _describe_run(entry["last_verification"])),
-        ]
-        lines += [_wrapped(f"{key}: {value}", width, _STATUS_INDENT) for key, value in fields]
-        if entry["failures"]:
-            lines.append(f"{_STATUS_INDENT}failing repositories:")
-        for failure in entry["failures"]:
-            text = (
-                f"{failure['repository']}: failed {failure['retry_count']}x, next try "
-                f"{failure['retry_at'] or 'at the next backfill'}: {failure['last_failure'] or 'no reason recorded'}"
-            )
-            lines.append(_wrapped(text, width, _STATUS_INDENT * 2))
-        hidden = repositories["failed"] - len(entry["failures"])
-        if hidden > 0:
-            lines.append(_wrapped(f"and {hidden} more (the most recent failures are shown)", width, _STATUS_INDENT * 2))
-    print("\n".join(lines))
-
-
-def _describe_run(run: dict[str, Any] | None) -> str:
-    if run is None:
-        return "never"
-    return f"{run['finished_at'] or 'started ' + str(run['started_at'])} ({run['outcome'] or 'running'})"
-
-
-def _wrapped(text: str, width: int, indent: str) -> str:
-    """`text` wrapped at `width`, its continuation lines indented further. Long words (URLs, repository
-    names, digests) are never broken, so that they can be copied: such a line may run past `width`."""
-    import textwrap
-
-    return textwrap.fill(
-        text,
-        width=width,
-        initial_indent=indent,
-        subsequent_indent=indent + "    ",
-        break_long_words=False,
-        break_on_hyphens=False,
-    )
 
 
 @contextlib.contextmanager

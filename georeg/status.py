@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import textwrap
 import time
 from collections import Counter
 from typing import Any
@@ -90,3 +91,64 @@ def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- as text, for `georeg status` -----------------------------------------------------------------
+
+_STATUS_INDENT = "  "
+
+
+def format_status(document: dict[str, Any], width: int) -> str:
+    """One block of `key: value` lines per secondary, wrapped at `width` (the CLI gives its terminal's,
+    80 columns when piped), never cut: it must read the same in a pipe, a log or a narrow terminal.
+    `georeg status --json` prints the document itself, for programs."""
+    lines = [f"georeg status at {document['generated_at']}"]
+    for entry in document["secondaries"]:
+        repositories, verification = entry["repositories"], entry["verification"]
+        percent = "-" if entry["synced_percent"] is None else f"{entry['synced_percent']:.1f}%"
+        lines += ["", f"secondary: {entry['name']}"]
+        fields = [
+            ("url", entry["url"]),
+            ("mode", f"{entry['mode']['mode']} ({entry['mode']['reason']})"),
+            ("repositories", str(repositories["total"])),
+            ("synced", f"{repositories['synced']} ({percent})"),
+            ("failed", str(repositories["failed"])),
+            ("pending", str(repositories["pending"])),
+            ("verified", str(verification["verified"])),
+            ("verification failed", str(verification["failed"])),
+            ("oldest unsynced event", entry["oldest_unsynced_event"] or "none"),
+            ("last backfill", _describe_run(entry["last_backfill"])),
+            ("last verification", _describe_run(entry["last_verification"])),
+        ]
+        lines += [_wrapped(f"{key}: {value}", width, _STATUS_INDENT) for key, value in fields]
+        if entry["failures"]:
+            lines.append(f"{_STATUS_INDENT}failing repositories:")
+        for failure in entry["failures"]:
+            text = (
+                f"{failure['repository']}: failed {failure['retry_count']}x, next try "
+                f"{failure['retry_at'] or 'at the next backfill'}: {failure['last_failure'] or 'no reason recorded'}"
+            )
+            lines.append(_wrapped(text, width, _STATUS_INDENT * 2))
+        hidden = repositories["failed"] - len(entry["failures"])
+        if hidden > 0:
+            lines.append(_wrapped(f"and {hidden} more (the most recent failures are shown)", width, _STATUS_INDENT * 2))
+    return "\n".join(lines)
+
+
+def _describe_run(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "never"
+    return f"{run['finished_at'] or 'started ' + str(run['started_at'])} ({run['outcome'] or 'running'})"
+
+
+def _wrapped(text: str, width: int, indent: str) -> str:
+    """`text` wrapped at `width`, its continuation lines indented further. Long words (URLs, repository
+    names, digests) are never broken, so that they can be copied: such a line may run past `width`."""
+    return textwrap.fill(
+        text,
+        width=width,
+        initial_indent=indent,
+        subsequent_indent=indent + "    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )

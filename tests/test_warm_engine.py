@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from georeg.warm_engine import SOCKET_ENV, SettingsCache
+from georeg.engine_settings import SettingsCache
+from georeg.warm_engine import SOCKET_ENV
 from tests.support.images import Pusher, build_image
 from tests.support.services import (
     WarmEngine,
