@@ -162,7 +162,7 @@ def _status(arguments: argparse.Namespace) -> int:
     async def collect() -> dict[str, Any]:
         store = StateStore(config.state.url)
         try:
-            await store.create_tables()
+            await store.ensure_schema(migrate=config.state.migrate_on_start)
             return await collect_status(config, store)
         finally:
             await store.close()

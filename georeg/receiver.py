@@ -122,7 +122,7 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await store.create_tables()
+        await store.ensure_schema(migrate=config.state.migrate_on_start)
         if dispatch and config.dispatch.mode == "inline":
             await _start_prefect_api()
         loop_task = asyncio.create_task(dispatcher.run_forever(), name="georeg-dispatcher") if dispatch else None

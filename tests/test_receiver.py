@@ -36,7 +36,7 @@ async def receiver(request: pytest.FixtureRequest, tmp_path: Path):
         base_dir=tmp_path,
     )
     store = StateStore(config.state.url)
-    await store.create_tables()
+    await store.ensure_schema()
     app = create_app(config, store, dispatch=False)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://receiver") as client:
         client.store = store  # type: ignore[attr-defined]

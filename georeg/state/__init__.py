@@ -4,9 +4,10 @@
 - `sync`: the sync state per (secondary, repository), like GitLab Geo's registry table;
 - `leases`: who holds a backfill of a secondary, or a batch of one;
 - `runs`: records of backfills and verifications, for `georeg status`;
-- `pauses`: a registry's "retry after", shared by every worker.
+- `pauses`: a registry's "retry after", shared by every worker;
+- `schema`: the Alembic migrations that bring a database to this georeg's schema.
 
-`StateStore` opens the database once and hands out each part.
+`StateStore` opens the database once and hands out each part; `ensure_schema()` before first use.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from georeg.state.journal import Claim, Journal
 from georeg.state.leases import Leases
 from georeg.state.pauses import Pauses
 from georeg.state.runs import RunRecord, Runs
+from georeg.state.schema import ensure_schema
 from georeg.state.sync import RepositoryState, SyncStates
 
 __all__ = ["Base", "Claim", "RepositoryState", "RunRecord", "StateStore", "database_url"]
@@ -32,8 +34,13 @@ class StateStore:
         self.runs = Runs(self.database)
         self.pauses = Pauses(self.database)
 
-    async def create_tables(self) -> None:
-        await self.database.create_tables()
+    async def ensure_schema(self, *, migrate: bool = True) -> None:
+        """Bring the database to this georeg's schema (one query when it is there already).
+
+        With `migrate` false (`state.migrate_on_start: false`), an older database is refused instead,
+        leaving the upgrade to `georeg db upgrade`; a newer one is refused either way.
+        """
+        await ensure_schema(self.database, migrate=migrate)
 
     async def close(self) -> None:
         await self.database.close()

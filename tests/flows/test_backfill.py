@@ -276,7 +276,7 @@ async def test_a_second_backfill_does_not_overlap_a_running_one(fresh_pair, writ
     populate(pair, count=2)
     config = write_config(pair.primary.url, pair.secondary.url)
     store = StateStore(load_config(config).state.url)
-    await store.create_tables()
+    await store.ensure_schema()
     assert await store.leases.acquire("backfill:secondary", "another-run", 60) == "another-run"
     try:
         [result] = await backfill()
