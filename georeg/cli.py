@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("key_file", metavar="KEY_FILE", help="private key to write (PEM, mode 0600)")
     keygen.add_argument("cert_file", metavar="CERT_FILE", help="certificate to write: the registries' rootcertbundle")
     keygen.add_argument("--type", choices=["rsa", "ec"], default="rsa", dest="key_type")
+    _add_db_commands(commands)
     return parser
 
 
@@ -264,6 +265,41 @@ def _serve(arguments: argparse.Namespace) -> int:
         flush=True,
     )
     uvicorn.run(app, host=arguments.host, port=arguments.port, log_level="info", access_log=False)
+    return 0
+
+
+def _add_db_commands(commands: Any) -> None:
+    """`georeg db upgrade|current`: the state database's schema, for an operator who migrates by hand."""
+    db = commands.add_parser("db", help="the state database's schema (migrations)", description=_db.__doc__)
+    actions = db.add_subparsers(required=True, metavar="ACTION")
+    for name, help_text in (
+        ("upgrade", "upgrade the state database to this georeg's schema (back it up first)"),
+        ("current", "show the state database's schema revision and this georeg's"),
+    ):
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        action.set_defaults(command=_db, command_name=f"db {name}", db_action=name)
+
+
+def _db(arguments: argparse.Namespace) -> int:
+    """Upgrade the state database's schema, or show where it stands."""
+    from georeg.state import StateStore
+    from georeg.state.schema import current, upgrade
+
+    config = load_config()
+
+    async def run() -> str:
+        store = StateStore(config.state.url)
+        try:
+            if arguments.db_action == "current":
+                return f"state database: {(await current(store.database)).describe()}"
+            before, after = await upgrade(store.database)
+            if before.up_to_date:
+                return f"state database: already at {after.head}, nothing to do"
+            return f"state database: upgraded from {before.describe()} to {after.describe()}"
+        finally:
+            await store.close()
+
+    print(asyncio.run(run()))
     return 0
 
 

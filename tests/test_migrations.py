@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
@@ -260,3 +262,85 @@ async def test_serve_refuses_an_old_database_when_migrate_on_start_is_false(url:
     finally:
         await store.close()
     assert await versions(url) is None  # nothing was changed
+
+
+def georeg(*arguments: str) -> subprocess.CompletedProcess[str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "georeg.cli", *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=PROCESS_TIMEOUT_S,
+    )
+
+
+async def test_with_migrate_on_start_false_an_old_database_waits_for_georeg_db_upgrade(url: str, tmp_path: Path):
+    await make_legacy_database(url)
+    old = StateStore(url)
+    try:
+        await fill(old)
+    finally:
+        await old.close()
+    config = tmp_path / "georeg.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "primary": {"url": "http://127.0.0.1:1"},
+                "secondaries": [{"name": "east", "url": "http://127.0.0.1:2"}],
+                "state": {"url": url, "migrate_on_start": False},
+            }
+        )
+    )
+
+    refused = georeg("--config", str(config), "status", "--json")
+    assert refused.returncode == 1
+    assert "state.migrate_on_start is false: back the database up, then run `georeg db upgrade`" in refused.stderr
+    before = georeg("--config", str(config), "db", "current")
+    assert (
+        before.stdout.strip() == "state database: none: made before georeg had migrations (baseline 0001); head is 0001"
+    )
+
+    upgraded = georeg("--config", str(config), "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.strip().startswith("state database: upgraded from none: made before georeg had migrations")
+
+    after = georeg("--config", str(config), "db", "current")
+    assert after.stdout.strip() == f"state database: {HEAD_REVISION} (head: up to date)"
+    again = georeg("--config", str(config), "db", "upgrade")
+    assert again.stdout.strip() == f"state database: already at {HEAD_REVISION}, nothing to do"
+    status = georeg("--config", str(config), "status", "--json")
+    assert status.returncode == 0, status.stderr
+    [east] = json.loads(status.stdout)["secondaries"]
+    assert east["repositories"]["failed"] == 1  # the row from before the upgrade
+
+
+async def test_georeg_db_current_names_a_newer_database(url: str, tmp_path: Path):
+    await on_connection(
+        url,
+        lambda c: [
+            c.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")),
+            c.execute(text("INSERT INTO alembic_version VALUES ('9999')")),
+        ],
+    )
+    config = tmp_path / "georeg.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "primary": {"url": "http://127.0.0.1:1"},
+                "secondaries": [{"name": "east", "url": "http://127.0.0.1:2"}],
+                "state": {"url": url},
+            }
+        )
+    )
+
+    shown = georeg("--config", str(config), "db", "current")
+    upgrade = georeg("--config", str(config), "db", "upgrade")
+
+    assert (
+        shown.stdout.strip()
+        == f"state database: 9999 (newer than this georeg, whose newest revision is {HEAD_REVISION})"
+    )
+    assert upgrade.returncode == 1
+    assert "georeg: db upgrade failed: the state database" in upgrade.stderr
+    assert "which this georeg does not know" in upgrade.stderr
