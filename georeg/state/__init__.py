@@ -5,6 +5,7 @@
 - `leases`: who holds a backfill of a secondary, or a batch of one;
 - `runs`: records of backfills and verifications, for `georeg status`;
 - `pauses`: a registry's "retry after", shared by every worker;
+- `retention`: forgetting done events and finished runs once they are old (`state.retention_days`);
 - `schema`: the Alembic migrations that bring a database to this georeg's schema.
 
 `StateStore` opens the database once and hands out each part; `ensure_schema()` before first use.
@@ -16,6 +17,7 @@ from georeg.state.database import Base, Database, database_url
 from georeg.state.journal import Claim, Journal
 from georeg.state.leases import Leases
 from georeg.state.pauses import Pauses
+from georeg.state.retention import Retention
 from georeg.state.runs import RunRecord, Runs
 from georeg.state.schema import ensure_schema
 from georeg.state.sync import RepositoryState, SyncStates
@@ -33,6 +35,7 @@ class StateStore:
         self.leases = Leases(self.database)
         self.runs = Runs(self.database)
         self.pauses = Pauses(self.database)
+        self.retention = Retention(self.database)
 
     async def ensure_schema(self, *, migrate: bool = True) -> None:
         """Bring the database to this georeg's schema (one query when it is there already).
