@@ -10,14 +10,18 @@ lock), the revision is read again and:
 - a database from before migrations (georeg's tables, no `alembic_version`) is adopted as the
   baseline, its rows kept, then upgraded;
 - a database at a revision this georeg does not know (a newer georeg migrated it) is refused.
+
+Alembic is imported inside the functions of that slow path on purpose: its import costs about 0.3 s
+(with SQLAlchemy already loaded), which every flow run would otherwise pay to learn nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
 logger = logging.getLogger("georeg.state")
+T = TypeVar("T")
 
 # The newest revision in migrations/versions/, so that the start-up check needs no script loading
 # (tests/test_migrations.py fails when a revision is added without moving this).
@@ -108,7 +113,7 @@ async def _stored_revisions(database: Database) -> tuple[str, ...] | None:
         return None
 
 
-async def _under_lock(database: Database, work: Any) -> Any:
+async def _under_lock(database: Database, work: Callable[[Connection], T]) -> T:
     """Run `work(sync_connection)` in one transaction that no other georeg process's schema work overlaps."""
     # SQLite: the engine begins every transaction with BEGIN IMMEDIATE (georeg.state.database), so
     # this one holds the write lock from the start and a concurrent start waits for it (busy_timeout).
