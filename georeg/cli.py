@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("key_file", metavar="KEY_FILE", help="private key to write (PEM, mode 0600)")
     keygen.add_argument("cert_file", metavar="CERT_FILE", help="certificate to write: the registries' rootcertbundle")
     keygen.add_argument("--type", choices=["rsa", "ec"], default="rsa", dest="key_type")
+    _add_db_commands(commands)
     return parser
 
 
@@ -182,7 +183,7 @@ def _status(arguments: argparse.Namespace) -> int:
     async def collect() -> dict[str, Any]:
         store = StateStore(config.state.url)
         try:
-            await store.create_tables()
+            await store.ensure_schema(migrate=config.state.migrate_on_start)
             return await collect_status(config, store)
         finally:
             await store.close()
@@ -357,6 +358,41 @@ def _size(count: int) -> str:
             return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
         count /= 1000
     return f"{count:.2f} GB"
+
+
+def _add_db_commands(commands: Any) -> None:
+    """`georeg db upgrade|current`: the state database's schema, for an operator who migrates by hand."""
+    db = commands.add_parser("db", help="the state database's schema (migrations)", description=_db.__doc__)
+    actions = db.add_subparsers(required=True, metavar="ACTION")
+    for name, help_text in (
+        ("upgrade", "upgrade the state database to this georeg's schema (back it up first)"),
+        ("current", "show the state database's schema revision and this georeg's"),
+    ):
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        action.set_defaults(command=_db, command_name=f"db {name}", db_action=name)
+
+
+def _db(arguments: argparse.Namespace) -> int:
+    """Upgrade the state database's schema, or show where it stands."""
+    from georeg.state import StateStore
+    from georeg.state.schema import current, upgrade
+
+    config = load_config()
+
+    async def run() -> str:
+        store = StateStore(config.state.url)
+        try:
+            if arguments.db_action == "current":
+                return f"state database: {(await current(store.database)).describe()}"
+            before, after = await upgrade(store.database)
+            if before.up_to_date:
+                return f"state database: already at {after.head}, nothing to do"
+            return f"state database: upgraded from {before.describe()} to {after.describe()}"
+        finally:
+            await store.close()
+
+    print(asyncio.run(run()))
+    return 0
 
 
 if __name__ == "__main__":

@@ -162,6 +162,12 @@ class DispatchConfig(_Strict):
 
 class StateConfig(_Strict):
     url: str = "sqlite:///georeg.db"
+    migrate_on_start: bool = Field(
+        default=True, description="upgrade an older state database when a process starts (else: georeg db upgrade)"
+    )
+    retention_days: int = Field(
+        default=14, ge=1, le=3650, description="days to keep done journal events and finished run records"
+    )
 
 
 class RepositoryFilter(_Strict):
@@ -338,7 +344,7 @@ def _resolve_files(config: GeoregConfig, base_dir: Path, source: str) -> GeoregC
         update={
             "primary": resolve(config.primary, "primary"),
             "secondaries": [resolve(s, f"secondaries[{i}]") for i, s in enumerate(config.secondaries)],
-            "state": StateConfig(url=_absolute_sqlite(config.state.url, base_dir)),
+            "state": config.state.model_copy(update={"url": _absolute_sqlite(config.state.url, base_dir)}),
         }
     )
 

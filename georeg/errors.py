@@ -13,7 +13,8 @@
     │       ├── InvalidRequest       400 (MANIFEST_BLOB_UNKNOWN, DIGEST_INVALID, ...)
     │       └── Unsupported          405 (for example deletes disabled on the registry)
     ├── IntegrityError               bytes whose digest is not the one they were asked for
-    └── ReplicationError             an image could not be made equal on a secondary
+    ├── ReplicationError             an image could not be made equal on a secondary
+    └── StateSchemaError             the state database's schema is older or newer than this georeg's
 
 `transient` tells the retry machinery whether another attempt can succeed, so nothing else has to
 parse messages; `exhausted` says that one layer has already retried it as often as its budget allows,
@@ -107,3 +108,8 @@ class IntegrityError(GeoregError):
 
 class ReplicationError(GeoregError):
     """An image could not be made equal on a secondary; the message says which and why."""
+
+
+class StateSchemaError(GeoregError):
+    """The state database is at a schema revision this georeg does not work with; the message says
+    what to do (run `georeg db upgrade`, or upgrade georeg)."""

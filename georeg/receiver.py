@@ -144,14 +144,19 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await store.create_tables()
+        await store.ensure_schema(migrate=config.state.migrate_on_start)
         if dispatch and config.dispatch.mode == "inline":
             await _start_prefect_api()
         loop_task = asyncio.create_task(dispatcher.run_forever(), name="georeg-dispatcher") if dispatch else None
+        retention_days = config.state.retention_days
+        pruning = asyncio.create_task(store.retention.prune_forever(retention_days), name="georeg-retention")
         try:
             yield
         finally:
             # uvicorn has stopped accepting and answered what was in flight; now the flow runs.
+            pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruning
             if loop_task is not None:
                 loop_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -152,7 +152,7 @@ def status_site(tmp_path: Path) -> Path:
     async def record() -> None:
         store = StateStore(state_url)
         try:
-            await store.create_tables()
+            await store.ensure_schema()
             await store.sync.repositories_synced("far-away-secondary", ["group/app"])
             await store.sync.repository_failed("far-away-secondary", "group/broken", LONG_FAILURE, base=60, cap=3600)
             await store.sync.set_repository_state("far-away-secondary", "group/new")

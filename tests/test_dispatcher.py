@@ -125,7 +125,7 @@ async def journal_two_pushes(tmp_path: Path) -> tuple[GeoregConfig, StateStore]:
         base_dir=tmp_path,
     )
     store = StateStore(config.state.url)
-    await store.create_tables()
+    await store.ensure_schema()
     events = [AcceptedEvent(f"ev-{name}", REPLICATE, f"group/{name}", "1.0") for name in ("done", "left")]
     assert await store.journal.record_events(events, ["east"]) == 2
     return config, store

@@ -40,7 +40,7 @@ async def receiver_client(state_url: str, base_dir: Path, **notifications: Any) 
         base_dir=base_dir,
     )
     store = StateStore(config.state.url)
-    await store.create_tables()
+    await store.ensure_schema()
     app = create_app(config, store, dispatch=False)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://receiver") as client:

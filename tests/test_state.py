@@ -26,7 +26,7 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path):
     state = StateStore(state_url(request, tmp_path))
-    await state.create_tables()
+    await state.ensure_schema()
     yield state
     await state.close()
 
@@ -187,7 +187,7 @@ async def receivers(request: pytest.FixtureRequest, tmp_path: Path):
     """Two StateStores on one database, as two `georeg serve` processes sharing `state.url`."""
     url = state_url(request, tmp_path)
     first, second = StateStore(url), StateStore(url)
-    await first.create_tables()
+    await first.ensure_schema()
     yield first, second
     await first.close()
     await second.close()

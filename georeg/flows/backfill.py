@@ -121,6 +121,8 @@ async def _backfill_secondary(
         if run_id is not None:
             await store.runs.finished(run_id, outcome, summary if outcome != "crashed" else {})
         await store.leases.release(lease, holder)
+    if not dry_run:  # the backfill's end is a quiet moment to forget old events and runs
+        await store.retention.prune(config.state.retention_days)
     _raise_if_failed(summary, summary["repositories"])
     return summary
 

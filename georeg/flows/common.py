@@ -60,12 +60,12 @@ async def for_each_secondary(
 
 @contextlib.asynccontextmanager
 async def open_state(config: GeoregConfig) -> AsyncIterator[StateStore]:
-    """The state database for the length of a flow run (tables created on first use)."""
+    """The state database for the length of a flow run (migrated to this georeg's schema on first use)."""
     from georeg.state import StateStore
 
     store = StateStore(config.state.url)
     try:
-        await store.create_tables()
+        await store.ensure_schema(migrate=config.state.migrate_on_start)
         yield store
     finally:
         await store.close()
@@ -83,7 +83,7 @@ class EventOutcomes:
     success only makes the repository known (synced is for a backfill, which sees every tag).
 
     The state database is opened at the first outcome, after the copy: in a fresh flow-run process,
-    importing SQLAlchemy and creating the tables costs about half a second, which then no longer
+    importing SQLAlchemy and checking the schema costs about half a second, which then no longer
     stands between a push and the image being on the secondary.
     """
 
@@ -142,7 +142,7 @@ class EventOutcomes:
 
                 store = StateStore(self.config.state.url)
                 try:
-                    await store.create_tables()
+                    await store.ensure_schema(migrate=self.config.state.migrate_on_start)
                 except BaseException:
                     await store.close()
                     raise

@@ -1,7 +1,8 @@
 """The state database itself: the engine, short transactions, and the SQL that differs by dialect.
 
 `state.url` is SQLite by default and PostgreSQL by URL; both through the async drivers Prefect already
-installs. Every table of georeg derives from `Base`, so one `Base.metadata` describes the schema.
+installs. Every table of georeg derives from `Base`, so one `Base.metadata` describes the schema; the
+migrations in `migrations/` build it (`georeg.state.schema`).
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ class Database:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin_immediate)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-
-    async def create_tables(self) -> None:
-        async with self.engine.begin() as connection:
-            await connection.run_sync(Base.metadata.create_all)
 
     async def close(self) -> None:
         await self.engine.dispose()

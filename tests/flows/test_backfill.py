@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,7 +277,7 @@ async def test_a_second_backfill_does_not_overlap_a_running_one(fresh_pair, writ
     populate(pair, count=2)
     config = write_config(pair.primary.url, pair.secondary.url)
     store = StateStore(load_config(config).state.url)
-    await store.create_tables()
+    await store.ensure_schema()
     assert await store.leases.acquire("backfill:secondary", "another-run", 60) == "another-run"
     try:
         [result] = await backfill()
@@ -286,6 +287,46 @@ async def test_a_second_backfill_does_not_overlap_a_running_one(fresh_pair, writ
     assert result["skipped"] == "a backfill of secondary is already running (another-run)"
     with Pusher(pair.secondary.url) as secondary:
         assert secondary.tags("team0/app0") == []
+
+
+async def test_a_backfill_ends_by_forgetting_old_events_and_runs(fresh_pair, write_config, tmp_path):
+    """Retention runs at the end of a backfill (not of a dry run, which changes nothing)."""
+    from sqlalchemy import select, update
+
+    from georeg.events import REPLICATE, AcceptedEvent
+    from georeg.state.journal import JournalEvent
+    from georeg.state.runs import RunRecord
+
+    pair = fresh_pair
+    populate(pair, count=1)
+    state = {"url": f"sqlite:///{tmp_path / 'retention.db'}", "retention_days": 7}
+    config = write_config(pair.primary.url, pair.secondary.url, state=state)
+    store = StateStore(load_config(config).state.url)
+    await store.ensure_schema()
+    try:
+        await store.journal.record_events([AcceptedEvent("old", REPLICATE, "team0/app0", "v1")], [])  # owes nothing
+        old_run = await store.runs.started("backfill", "secondary")
+        await store.runs.finished(old_run, "completed", {})
+        month_ago = time.time() - 30 * 86_400
+        async with store.database.transaction() as session:
+            await session.execute(update(JournalEvent).values(received_at=month_ago))
+            await session.execute(update(RunRecord).values(started_at=month_ago, finished_at=month_ago))
+
+        async def kept() -> tuple[list[str], list[int]]:
+            async with store.database.transaction() as session:
+                events = list(await session.scalars(select(JournalEvent.event_id)))
+                runs = list(await session.scalars(select(RunRecord.id).order_by(RunRecord.id)))
+                return events, runs
+
+        await backfill(dry_run=True)
+        assert await kept() == (["old"], [old_run])
+        await backfill()
+        events, runs = await kept()
+    finally:
+        await store.close()
+
+    assert events == []
+    assert len(runs) == 1 and runs[0] != old_run  # the backfill just finished is the latest: kept
 
 
 async def test_the_backfill_publishes_a_table_artifact(fresh_pair, write_config):

@@ -345,7 +345,7 @@ async def test_a_429_pauses_every_client_that_shares_the_state(
     """Two workers' clients of one registry: the one told to retry after 2 s pauses the other too."""
     url = f"sqlite:///{tmp_path / 'state.db'}"
     stores = [StateStore(url), StateStore(url)]  # one engine each, as two worker processes have
-    await stores[0].create_tables()
+    await stores[0].ensure_schema()
     clients = [
         RegistryClient(
             name,
