@@ -1,8 +1,9 @@
 """Turning journaled work into flow runs, inside `georeg serve`.
 
-The loop claims due work rows (up to `dispatch.concurrency` in flight), runs each as a flow run,
-and records the outcome: success deletes the row (unless newer events arrived meanwhile, then it
-runs again), failure schedules a retry with exponential backoff and jitter. Two ways to run:
+The loop claims due work rows (up to `dispatch.concurrency` runs in flight), runs each as a flow run
+(or, in a burst, several as one `replicate-images` run), and records the outcome: success deletes the
+row (unless newer events arrived meanwhile, then it runs again), failure schedules a retry with
+exponential backoff and jitter. Two ways to run:
 
 - `inline`: the flow runs in this process (still recorded by Prefect, embedded or server);
 - `deployment`: a flow run of the `replicate-image` / `delete-image` deployment is created through
@@ -19,7 +20,6 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import httpx
@@ -27,6 +27,7 @@ import httpx
 from georeg.config import DispatchConfig, GeoregConfig
 from georeg.errors import GeoregError
 from georeg.events import REPLICATE
+from georeg.prefect_client import SharedPrefectClient
 from georeg.state import Claim, StateStore
 
 logger = logging.getLogger("georeg.dispatcher")
@@ -51,70 +52,6 @@ class FlowRuns(Protocol):
     async def close(self) -> None:
         """Release what the runs shared (the dispatcher is stopping)."""
         ...
-
-
-class SharedPrefectClient:
-    """One Prefect API client for the flow runs the dispatcher watches or runs inline.
-
-    Outside a flow run, `get_client()` makes a new client at every call, and each one builds its own
-    TLS context (loading the CA bundle: about 0.1 s of CPU) and opens new connections. With every run
-    polled every `poll_seconds` and, inline, run through its engine, that was most of the receiver's
-    own work per event. The client is opened on first use, without asking the API anything. Once it
-    has connected, Prefect's client retries refused connections for about a minute (it rides through
-    a server restart), so calls that must notice an outage at once use a client of their own.
-    """
-
-    def __init__(self) -> None:
-        self._context: Any = None  # prefect.context.AsyncClientContext, imported on first use
-        self._sync_context: Any = None  # prefect.context.SyncClientContext, for inline runs
-        self._opening = asyncio.Lock()
-
-    async def context(self) -> Any:
-        async with self._opening:
-            if self._context is None:
-                from prefect.context import AsyncClientContext
-
-                context = AsyncClientContext()
-                await context.client.__aenter__()
-                self._context = context
-            return self._context
-
-    async def client(self) -> Any:
-        return (await self.context()).client
-
-    def sync_context(self) -> Any:
-        """The synchronous client the flow engine asks for at every run (to read the server's default
-        result storage): made anew each time, it cost the receiver a TLS context, 12% of its CPU in a
-        burst (py-spy)."""
-        if self._sync_context is None:
-            from prefect.context import SyncClientContext
-
-            context = SyncClientContext()
-            context.client.__enter__()  # not the context's own __enter__: the variable is set per run below
-            self._sync_context = context
-        return self._sync_context
-
-    @contextlib.asynccontextmanager
-    async def installed(self) -> AsyncIterator[None]:
-        """Inside this block, Prefect's own `get_client()` (the flow engine's), async or sync, answers with
-        the shared clients."""
-        from prefect.context import AsyncClientContext, SyncClientContext
-
-        token = AsyncClientContext.__var__.set(await self.context())
-        sync_token = SyncClientContext.__var__.set(self.sync_context())
-        try:
-            yield
-        finally:
-            SyncClientContext.__var__.reset(sync_token)
-            AsyncClientContext.__var__.reset(token)
-
-    async def close(self) -> None:
-        context, self._context = self._context, None
-        if context is not None:
-            await context.client.__aexit__(None, None, None)
-        sync_context, self._sync_context = self._sync_context, None
-        if sync_context is not None:
-            sync_context.client.__exit__(None, None, None)
 
 
 class InlineFlowRuns:

@@ -10,8 +10,9 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 
 from georeg.config import DispatchConfig, GeoregConfig, parse_config
-from georeg.dispatcher import DeploymentFlowRuns, Dispatcher, SharedPrefectClient
+from georeg.dispatcher import DeploymentFlowRuns, Dispatcher
 from georeg.events import REPLICATE, AcceptedEvent
+from georeg.prefect_client import SharedPrefectClient
 from georeg.state import Claim, StateStore
 
 pytestmark = pytest.mark.usefixtures("prefect_api_url")
