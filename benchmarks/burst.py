@@ -1,7 +1,7 @@
 """Burst benchmark: many images pushed at once by several clients, through real registry notifications.
 
     python -m benchmarks.burst [--images 60] [--repositories 20] [--clients 4] [--moves 8] [--singles 10]
-                               [--cases inline,deployment-1,deployment-2] [--prefect-database sqlite|postgresql]
+                               [--cases inline,deployment-1,deployment-2] [--prefect-database postgres|sqlite]
 
 Each case starts a whole site on 127.0.0.1, as `benchmarks.event_latency` does: a primary registry
 whose notifications go to `georeg serve`, a secondary, a Prefect server (with its access log on, to

@@ -123,6 +123,17 @@ async def test_unsettled_claims_are_those_still_running(store):
     assert await store.journal.succeeded(first) is True  # settled already: nothing is run again
 
 
+async def test_a_row_settled_and_claimed_again_is_not_the_old_claims_to_settle(store):
+    await store.journal.record_events([push("old")], ["east"])
+    [claim] = await store.journal.claim_due(10)
+    await store.journal.record_events([push("new")], ["east"])  # arrives while the run goes on
+    assert await store.journal.succeeded(claim) is False  # settled: back to pending for the newer event
+    [again] = await store.journal.claim_due(10)  # another run takes it before the first run's end is seen
+
+    assert await store.journal.unsettled([claim]) == []
+    assert await store.journal.unsettled([again]) == [again]
+
+
 async def test_the_latest_event_decides_the_action(store):
     await store.journal.record_events([push("p")], ["east"])
     await store.journal.record_events([AcceptedEvent("d", DELETE, "group/app", "1.0")], ["east"])

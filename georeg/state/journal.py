@@ -236,14 +236,16 @@ class Journal:
             return int(removed.rowcount or 0)
 
     async def unsettled(self, claims: Sequence[Claim]) -> list[Claim]:
-        """The claims whose run recorded no outcome: their rows are still running."""
+        """The claims whose run recorded no outcome: their rows are still running as these claims. A row
+        the run settled and another run has claimed since (newer events, or a retry) is not this claim's."""
         async with self._db.transaction() as session:
-            running = set(
-                await session.scalars(
-                    select(WorkItem.id).where(WorkItem.id.in_([c.id for c in claims]), WorkItem.status == RUNNING)
+            rows = await session.execute(
+                select(WorkItem.id, WorkItem.dispatched_sequence, WorkItem.attempts).where(
+                    WorkItem.id.in_([claim.id for claim in claims]), WorkItem.status == RUNNING
                 )
             )
-        return [claim for claim in claims if claim.id in running]
+            running = {(row.id, row.dispatched_sequence, row.attempts) for row in rows}
+        return [claim for claim in claims if (claim.id, claim.sequence, claim.attempts) in running]
 
     async def depth(self) -> int:
         """Work rows not yet done (pending, running or failed)."""
