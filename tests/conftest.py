@@ -156,8 +156,8 @@ def oss_standin() -> Iterator[OssStandIn]:
 
 
 # The fast tier (`./scripts/test --fast`): pure logic and one open registry pair. A test that needs
-# anything heavier (a Prefect server, PostgreSQL, a storage emulator, a second pair, a whole site)
-# belongs to the full suite only, which CI runs.
+# anything heavier (a Prefect server, PostgreSQL, a storage emulator, a second pair, a whole site,
+# georeg's own processes) belongs to the full suite only, which CI runs.
 _FULL_SUITE_FIXTURES = frozenset(
     {
         "prefect_api_url",
@@ -177,11 +177,28 @@ _FULL_SUITE_FIXTURES = frozenset(
     }
 )
 _FULL_SUITE_PARAMETERS = frozenset({"postgresql", "s3", "gcs", "azure", "swift", "oss"})
+# Modules whose tests start georeg's own processes (the CLI, serve, a warm engine), each of which
+# starts Prefect's temporary server or a site of its own: seconds to a minute a test.
+_FULL_SUITE_MODULES = frozenset(
+    {
+        "test_cli.py",
+        "test_warm_engine.py",
+        "test_serve_operations.py",
+        "test_migrations.py",
+        "test_deployment_dispatch.py",
+        "test_scale_out.py",
+    }
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
-        parameters = {str(value) for value in callspec.params.values()} if callspec else set()
-        if _FULL_SUITE_FIXTURES & set(getattr(item, "fixturenames", ())) or _FULL_SUITE_PARAMETERS & parameters:
+        # A backend parameter may carry a variant: "s3-no-root", "swift-no-prefix".
+        parameters = {str(value).split("-")[0] for value in callspec.params.values()} if callspec else set()
+        if (
+            _FULL_SUITE_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or _FULL_SUITE_PARAMETERS & parameters
+            or item.path.name in _FULL_SUITE_MODULES
+        ):
             item.add_marker(pytest.mark.full)
