@@ -40,15 +40,22 @@ class BlobCopy:
 
 
 class BlobLocations:
-    """Which repository of a registry is known to hold a blob, so the next image can mount it, and
-    which blobs are being copied right now, so concurrent copies of one blob send it only once.
+    """Which repository of a registry is known to hold a blob, so the next image can mount it; which
+    blobs this process linked into which repository, so it never links one there twice; and which blobs
+    are being copied right now, so concurrent copies of one blob send it only once.
 
-    Advisory and bounded: a wrong entry costs one refused mount, which falls back to an upload.
+    Linking twice matters: registry 2.8's filesystem driver rewrites a repository's link file in place
+    (truncate, then write) on every upload or mount of the blob into it, and a manifest PUT or blob
+    HEAD in that repository that reads the file meanwhile fails (400 DIGEST_INVALID, 500).
+
+    Advisory and bounded: a wrong entry costs one refused mount, which falls back to an upload, or one
+    HEAD that the procedure would have sent anyway.
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
         self._capacity = capacity
         self._known: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._linked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         # Per event loop: asyncio events cannot be shared between loops (tests run one per test).
         self._copying: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], asyncio.Event]] = (
             weakref.WeakKeyDictionary()
@@ -77,12 +84,15 @@ class BlobLocations:
     def remember(self, registry_url: str, digest: str, repository: str) -> None:
         self._known[(registry_url, digest)] = repository
         self._known.move_to_end((registry_url, digest))
-        while len(self._known) > self._capacity:
-            self._known.popitem(last=False)
+        self._linked[(registry_url, repository, digest)] = None
+        self._linked.move_to_end((registry_url, repository, digest))
+        for entries in (self._known, self._linked):
+            while len(entries) > self._capacity:
+                entries.popitem(last=False)
 
-    def holder(self, registry_url: str, digest: str) -> str | None:
-        """The repository last known to hold the blob."""
-        return self._known.get((registry_url, digest))
+    def linked(self, registry_url: str, repository: str, digest: str) -> bool:
+        """Whether this process has seen the blob linked in the repository (put it there, or found it)."""
+        return (registry_url, repository, digest) in self._linked
 
     def find(self, registry_url: str, digest: str, *, other_than: str) -> str | None:
         repository = self._known.get((registry_url, digest))
@@ -111,7 +121,7 @@ async def copy_blob(
     ask_first = (
         not fresh_repository
         or blob.size > secondary.settings.monolithic_max
-        or locations.holder(secondary.url, blob.digest) == repository
+        or locations.linked(secondary.url, repository, blob.digest)
     )
     if ask_first and await secondary.blob_size(repository, blob.digest) is not None:
         locations.remember(secondary.url, blob.digest, repository)

@@ -178,7 +178,7 @@ _FULL_SUITE_FIXTURES = frozenset(
 )
 _FULL_SUITE_PARAMETERS = frozenset({"postgresql", "s3", "gcs", "azure", "swift", "oss"})
 # Modules whose tests start georeg's own processes (the CLI, serve, a warm engine), each of which
-# starts Prefect's temporary server or a site of its own: seconds to a minute a test.
+# starts Prefect's temporary server or a site of its own, or copy hundreds of images: a minute a test.
 _FULL_SUITE_MODULES = frozenset(
     {
         "test_cli.py",
@@ -187,6 +187,7 @@ _FULL_SUITE_MODULES = frozenset(
         "test_migrations.py",
         "test_deployment_dispatch.py",
         "test_scale_out.py",
+        "test_repository_sync.py",
     }
 )
 

@@ -99,6 +99,44 @@ async def test_index_children_arrive_before_the_index(registry_pair, clients, se
             assert secondary.head_manifest(repo_name, child.digest) == child.digest
 
 
+async def test_a_manifest_put_answered_digest_invalid_is_retried_and_logged(
+    registry_pair, clients, secondary_proxy, repo_name, caplog
+):
+    """What registry 2.8 answers when a manifest PUT reads a link file another request is rewriting."""
+    image = build_image("oci")
+    push(registry_pair, repo_name, image, "v1")
+    torn = b'{"errors":[{"code":"DIGEST_INVALID","message":"provided digest did not match uploaded content"}]}'
+    secondary_proxy.add_fault("PUT", "/manifests/v1$", status=400, body=torn)
+
+    await replicate(*clients, repo_name, "v1", BlobLocations())
+
+    assert secondary_proxy.count("PUT", "/manifests/v1") == 2
+    assert "rewrote it; retried" in caplog.text
+    with Pusher(registry_pair.secondary.url) as secondary:
+        assert secondary.head_manifest(repo_name, "v1") == image.digest
+
+
+async def test_a_blob_is_never_linked_twice_into_a_new_repository(registry_pair, clients, secondary_proxy, repo_name):
+    """Copying a shared blob into another repository in between must not make this process link it
+    again into a repository it already put it in (each link rewrites the registry's link file)."""
+    base = random_blob(2048)
+    first, second = build_image("oci", layers=[base]), build_image("oci", layers=[base])
+    push(registry_pair, f"{repo_name}-a", first, "v1")
+    push(registry_pair, f"{repo_name}-b", first, "v1")
+    push(registry_pair, f"{repo_name}-a", second, "v2")
+    primary, secondary = clients
+    locations = BlobLocations()
+    layer = Descriptor(digest=base.digest, size=base.size, media_type=base.media_type)
+
+    outcomes = [
+        (await copy_blob(primary, secondary, repository, layer, locations, fresh_repository=True)).outcome
+        for repository in (f"{repo_name}-a", f"{repo_name}-b", f"{repo_name}-a")
+    ]
+
+    assert outcomes == [BlobOutcome.COPIED, BlobOutcome.MOUNTED, BlobOutcome.PRESENT]
+    assert secondary_proxy.count("POST", "/blobs/uploads/") == 2
+
+
 async def test_present_blobs_are_skipped_and_known_ones_mounted(registry_pair, clients, secondary_proxy, repo_name):
     shared_layer = random_blob(200_000)
     second_repo = f"{repo_name}-other"

@@ -50,12 +50,25 @@ async def error_from_response(registry: str, response: httpx.Response, *, replay
     if status == 401 and not replayable:
         # A token expired under a streamed upload: the auth flow dropped it, a new attempt mints anew.
         return TransientRegistryError(message, **kwargs)
+    if _is_torn_link_read(method, path, status, code):
+        return TransientRegistryError(
+            f"{message} (the registry read a link file while another request rewrote it; retried)", **kwargs
+        )
     error_class = _ERRORS_BY_STATUS.get(status)
     if error_class is not None:
         return error_class(message, **kwargs)
     if status == 408 or status >= 500:
         return TransientRegistryError(message, **kwargs)
     return PermanentRegistryError(message, **kwargs)
+
+
+def _is_torn_link_read(method: str, path: str, status: int, code: str) -> bool:
+    """Registry 2.8 on filesystem storage rewrites a link file in place (truncate, then write) when a
+    blob is linked into a repository again; a manifest PUT that checks its blobs meanwhile reads an
+    empty link and answers DIGEST_INVALID. georeg PUTs the primary's exact bytes under the digest it
+    computed from them, so for georeg that answer means the read was torn, and another attempt a
+    moment later succeeds (a 500 on a blob HEAD, the same read elsewhere, is a 5xx and retried anyway)."""
+    return method == "PUT" and status == 400 and code == "DIGEST_INVALID" and "/manifests/" in path
 
 
 def _registry_error(response: httpx.Response) -> tuple[str, str]:
