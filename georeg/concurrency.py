@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable
+import weakref
+from collections.abc import Awaitable, Hashable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -26,3 +27,16 @@ async def all_or_nothing(works: Iterable[Awaitable[T]]) -> list[T]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+# Per event loop: an asyncio semaphore belongs to the loop it is used on (tests run one loop a test).
+_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, asyncio.Semaphore]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_semaphore(key: Hashable, size: int) -> asyncio.Semaphore:
+    """The one semaphore of this process (and event loop) named `key`, made with `size` on first use:
+    everything that asks for the same key shares its bound, whichever flow run or client asks."""
+    semaphores = _SHARED.setdefault(asyncio.get_running_loop(), {})
+    return semaphores.setdefault(key, asyncio.Semaphore(size))

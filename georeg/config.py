@@ -204,6 +204,19 @@ class TagFilter(_Strict):
         return self.exclude is None or not re.fullmatch(self.exclude, tag)
 
 
+class ConcurrencyConfig(_Strict):
+    """How much georeg does at once, level by level. The levels nest (a backfill's repositories, each
+    repository's tags, each image's blobs), so their product can be large; `requests_per_registry`
+    caps what actually reaches each registry from one process, whatever the product."""
+
+    blobs_per_image: int = Field(default=4, ge=1, le=64, description="blob copies in flight per image")
+    tags_per_repository: int = Field(default=4, ge=1, le=64, description="tags copied at once per repository")
+    repositories: int = Field(default=8, ge=1, le=256, description="repositories a backfill or verify works on at once")
+    requests_per_registry: int = Field(
+        default=32, ge=1, le=1024, description="requests in flight to each registry from one georeg process"
+    )
+
+
 class ReplicationConfig(_Strict):
     repositories: RepositoryFilter = RepositoryFilter()
     tags: TagFilter = TagFilter()
@@ -214,7 +227,10 @@ class ReplicationConfig(_Strict):
     retry_backoff_cap_seconds: float = Field(
         default=3600.0, ge=1, le=7 * 86400, description="longest wait before a failed repository is retried"
     )
-    concurrency: int = Field(default=8, ge=1, le=64, description="blob copies in flight per image")
+    concurrency: ConcurrencyConfig = Field(
+        default_factory=ConcurrencyConfig,
+        description="a mapping of levels, or one number for the three levels (requests_per_registry stays)",
+    )
     chunk_size: int = Field(default=32 * MIB, ge=64 * 1024, le=1024 * MIB, description="bytes per PATCH")
     monolithic_max: int = Field(
         default=4 * MIB, ge=0, le=64 * MIB, description="blobs up to this size are uploaded in one PUT"
@@ -231,6 +247,14 @@ class ReplicationConfig(_Strict):
         description="Prefect retries of an image or repository failing where no request retried",
     )
     retry_delay_seconds: float = Field(default=2.0, ge=0, le=600, description="first task retry's wait; doubles")
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _one_number_for_every_level(cls, value: object) -> object:
+        # `concurrency: 8` was once the only setting, for all three levels: it still means that.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"blobs_per_image": value, "tags_per_repository": value, "repositories": value}
+        return value
 
 
 class BackfillConfig(_Strict):

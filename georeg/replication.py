@@ -127,7 +127,7 @@ async def replicate(
             copies = await confirm_shared(secondary, shared_storage, image)  # what verifying would ask, it asks
         else:
             copies = await copy_blobs(
-                primary, secondary, image, settings.concurrency, fresh_repository=fresh_repository
+                primary, secondary, image, settings.concurrency.blobs_per_image, fresh_repository=fresh_repository
             )
             if not await put_manifests(secondary, image):
                 await verify_replica(secondary, image)

@@ -173,7 +173,7 @@ async def sync_repository(
     # Tags at once, like repositories: a repository of many tags is not one long queue. A blob that
     # several tags share still travels once (`copy_blob` waits for a copy under way, then asks again),
     # and each tag's manifest goes up only after its own blobs are in.
-    room = asyncio.Semaphore(settings.concurrency)
+    room = asyncio.Semaphore(settings.concurrency.tags_per_repository)
     await asyncio.gather(*(bounded(room, copy(tag)) for tag in to_copy))
     result.copied.sort()
     result.confirmed.sort()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from georeg.config import GeoregConfig, JwtAuth, load_config
+from georeg.config import ConcurrencyConfig, GeoregConfig, JwtAuth, load_config
 from georeg.errors import ConfigError
 
 VALID = """
@@ -43,7 +43,19 @@ def test_the_documented_example_loads(config_dir):
     assert isinstance(config.primary.auth, JwtAuth)
     assert config.primary.auth.key_file == config_dir / "registry.key"  # relative to the file, not the cwd
     assert [s.name for s in config.secondaries] == ["secondary"]
-    assert config.replication.concurrency == 8
+    # One number still sets every level, as it did when it was the only setting; the cap stays.
+    levels = config.replication.concurrency
+    assert (levels.blobs_per_image, levels.tags_per_repository, levels.repositories) == (8, 8, 8)
+    assert levels.requests_per_registry == ConcurrencyConfig().requests_per_registry
+
+
+def test_concurrency_levels_are_set_one_by_one(config_dir):
+    config = load(
+        config_dir, VALID.replace("{concurrency: 8}", "{concurrency: {repositories: 16, blobs_per_image: 2}}")
+    )
+
+    levels = config.replication.concurrency
+    assert (levels.blobs_per_image, levels.tags_per_repository, levels.repositories) == (2, 4, 16)
 
 
 def test_secrets_do_not_show_in_the_config_repr(config_dir):
@@ -59,7 +71,14 @@ def test_secrets_do_not_show_in_the_config_repr(config_dir):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("concurrency: 8", "concurrency: 0"), r"replication\.concurrency: Input should be greater than or equal to 1"),
+        (
+            ("concurrency: 8", "concurrency: 0"),
+            r"replication\.concurrency\.blobs_per_image: Input should be greater than or equal to 1",
+        ),
+        (
+            ("concurrency: 8", "concurrency: {tags_per_repo: 2}"),
+            r"replication\.concurrency\.tags_per_repo: Extra inputs are not permitted",
+        ),
         (("concurrency: 8", "concurency: 8"), r"replication\.concurency: Extra inputs are not permitted"),
         (("type: basic", "type: kerberos"), r"secondaries\[0\]\.auth: Input tag 'kerberos' found"),
         (("username: georeg, ", ""), r"secondaries\[0\]\.auth\.username: Field required"),

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from georeg.blob_copy import BlobLocations, BlobOutcome, copy_blob
-from georeg.config import RegistryConfig, ReplicationConfig
+from georeg.config import ConcurrencyConfig, RegistryConfig, ReplicationConfig
 from georeg.deletion import DeletionOutcome, converge_deletion
 from georeg.errors import IntegrityError, NotFound
 from georeg.references import ImageReference
@@ -252,7 +252,12 @@ async def test_concurrent_tags_of_a_new_repository_send_a_shared_blob_once(
         push(registry_pair, repo_name, image, tag)
     primary, secondary = clients
 
-    result = await sync_repository(primary, secondary, repo_name, SETTINGS.model_copy(update={"concurrency": 8}))
+    result = await sync_repository(
+        primary,
+        secondary,
+        repo_name,
+        SETTINGS.model_copy(update={"concurrency": ConcurrencyConfig(blobs_per_image=8, tags_per_repository=8)}),
+    )
 
     assert result.ok and sorted(result.copied) == sorted(images)
     committed = [

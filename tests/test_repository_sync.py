@@ -7,7 +7,7 @@ import asyncio
 import random
 from concurrent.futures import ThreadPoolExecutor
 
-from georeg.config import RegistryConfig, ReplicationConfig
+from georeg.config import ConcurrencyConfig, RegistryConfig, ReplicationConfig
 from georeg.registry import RegistryClient
 from georeg.registry.auth import PULL_ONLY, PULL_PUSH_DELETE
 from georeg.repository_sync import RepositorySync, RepositorySyncFailed, sync_repository
@@ -45,7 +45,7 @@ async def test_a_first_pass_over_repositories_sharing_layers_fails_no_repository
     reads the link meanwhile fails (400 DIGEST_INVALID, 500). So a backfill must not link a blob into a
     repository twice, however the repositories that share it interleave."""
     pushed = push_shared_layer_repositories(registry_pair.primary.url, repo_name, repositories=24, tags=8)
-    settings = SETTINGS.model_copy(update={"concurrency": 8})
+    settings = SETTINGS.model_copy(update={"concurrency": ConcurrencyConfig(blobs_per_image=8, tags_per_repository=8)})
     async with (
         RegistryClient(
             "primary", RegistryConfig(url=registry_pair.primary.url), settings, allowed_actions=PULL_ONLY

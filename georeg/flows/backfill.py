@@ -164,7 +164,7 @@ async def _sync_repositories(
         await progress.advance()
         return result
 
-    room = asyncio.Semaphore(settings.concurrency)
+    room = asyncio.Semaphore(settings.concurrency.repositories)
     try:
         results = await asyncio.gather(*(bounded(room, sync(name)) for name in repositories))
     finally:

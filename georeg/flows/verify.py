@@ -51,7 +51,7 @@ async def _verify_secondary(
         await progress.advance()
         return result
 
-    room = asyncio.Semaphore(settings.concurrency)
+    room = asyncio.Semaphore(settings.concurrency.repositories)
     results = await asyncio.gather(*(bounded(room, verify_repository(name)) for name in repositories))
     mismatched = [result for result in results if not result.ok]
     await acreate_table_artifact(

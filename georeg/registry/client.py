@@ -20,6 +20,7 @@ from types import TracebackType
 
 import httpx
 
+from georeg.concurrency import shared_semaphore
 from georeg.config import RegistryConfig, ReplicationConfig
 from georeg.errors import (
     IntegrityError,
@@ -72,11 +73,8 @@ class RegistryClient:
         self.url = config.url
         self.settings = settings
         self.stats = ClientStats()
-        connections = settings.concurrency * 2 + 4
-        # Requests in flight, at most one per connection: waiting here costs nothing, while a request
-        # queued in httpcore's pool is compared with every connection each time any request starts or
-        # ends, and with dozens of blob copies waiting that cost more CPU than the requests themselves.
-        self._slots = asyncio.Semaphore(connections)
+        connections = settings.concurrency.requests_per_registry
+        self._slots_key = ("registry requests", name, self.url, connections)
         verify = tls_verification(config)
         if transport is None and verify is not False:
             verify = httpx.create_ssl_context(verify=verify)  # loaded once, shared by every connection
@@ -93,6 +91,15 @@ class RegistryClient:
 
     async def __aenter__(self) -> RegistryClient:
         return self
+
+    def _slots(self) -> asyncio.Semaphore:
+        """Requests in flight to this registry from this process, across flow runs and clients, at most
+        `requests_per_registry`, each on a connection of its own: waiting here costs nothing, while a
+        request queued in httpcore's pool is compared with every connection each time any request
+        starts or ends, and with dozens of blob copies waiting that cost more CPU than the requests.
+        Keyed by the client's name too: a copy holds a slot of the primary while it waits for the
+        secondary's, so the two must never share one bound even when they are one registry."""
+        return shared_semaphore(self._slots_key, self._slots_key[-1])
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
@@ -184,7 +191,7 @@ class RegistryClient:
     async def open_blob(self, repository: str, digest: str, *, offset: int = 0) -> AsyncIterator[httpx.Response]:
         """Stream a blob from `offset` on; the response's body is not read until iterated."""
         headers = {"Range": f"bytes={offset}-"} if offset else None
-        async with self._slots:  # the connection stays taken until the stream is closed
+        async with self._slots():  # the connection stays taken until the stream is closed
             response = await self._request(
                 "GET",
                 f"/v2/{repository}/blobs/{digest}",
@@ -272,7 +279,7 @@ class RegistryClient:
                     await self.limits.before_request()
                     response = await self._http.send(request, stream=True)
                 else:
-                    async with self._slots:
+                    async with self._slots():
                         # Pauses and rate limits are checked once a connection is ours: the wait for one
                         # may outlast the start of a pause that another worker was told about.
                         await self.limits.before_request()

@@ -482,3 +482,23 @@ async def test_error_messages_never_carry_upload_state(
     # A reset connection: which transport error httpx reports for it depends on timing.
     assert re.fullmatch(first_attempt_failed("PUT", r"failed: \w+: .*"), logged[1][1]), logged
     assert not [r for r in caplog.records if "_state" in r.getMessage()]
+
+
+async def test_requests_in_flight_to_a_registry_are_capped_across_clients_of_one_process(proxy, repo_name):
+    """Flow runs in one process each open their own clients: the cap holds for all of them together."""
+    import asyncio
+
+    missing = [sha256_digest(str(number).encode()) for number in range(40)]
+    clients = [make_client(proxy.url, name="secondary", concurrency={"requests_per_registry": 3}) for _ in range(4)]
+    try:
+        answers = await asyncio.gather(
+            *(clients[number % 4].blob_size(repo_name, digest) for number, digest in enumerate(missing))
+        )
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
+
+    assert answers == [None] * 40
+    assert proxy.count("HEAD") == 40
+    # Four clients of their own would reach 12. The proxy counts a request until it has finished
+    # sending the answer, a moment after the client has it and starts the next: hence one more.
+    assert 3 <= proxy.max_concurrent <= 4
