@@ -264,6 +264,9 @@ class BackfillConfig(_Strict):
         default=True, description="split into flow runs of batch_deployment, for any worker of the pool to take"
     )
     batch_size: int = Field(default=100, ge=1, le=100_000, description="repositories per batch flow run")
+    repositories_per_task: int = Field(
+        default=50, ge=1, le=10_000, description="repositories per Prefect task run of a backfill or verify"
+    )
     batch_deployment: str = "backfill-batch/backfill-batch"
     batch_timeout_seconds: float = Field(
         default=6 * 3600, gt=0, description="a batch not finished by then (its worker died) counts as failed"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from georeg.errors import GeoregError, NotFound
 from georeg.references import ImageReference
 from georeg.registry import RegistryClient
 from georeg.replication import replicate
+from georeg.repository_groups import RepositoryGroup
 from georeg.storage_adapters import StorageAdapter
 
 _HEADS_IN_FLIGHT = 16
@@ -74,6 +76,7 @@ class RepositorySync:
     bytes_skipped: int = 0
     blobs: dict[str, int] = field(default_factory=lambda: {outcome.value: 0 for outcome in BlobOutcome})
     transient: bool = False  # whether another attempt may fix the failures
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -92,6 +95,7 @@ class RepositorySync:
             "unchanged": self.unchanged,
             "bytes copied": self.bytes_copied,
             "bytes skipped": self.bytes_skipped,
+            "seconds": round(self.seconds, 2),
             "failure": self.failure_summary(),
         }
 
@@ -117,7 +121,27 @@ async def sync_repository(
     """Make `repository` on the secondary equal to the primary's; raise RepositorySyncFailed if any tag failed.
 
     `shared_storage` is the secondary's storage when the primary shares it: tags are confirmed, not copied."""
+    started = time.monotonic()
     result = RepositorySync(repository)
+    try:
+        await _sync(primary, secondary, repository, settings, result, dry_run=dry_run, shared_storage=shared_storage)
+    finally:
+        result.seconds = time.monotonic() - started
+    if result.failed:
+        raise RepositorySyncFailed(result)
+    return result
+
+
+async def _sync(
+    primary: RegistryClient,
+    secondary: RegistryClient,
+    repository: str,
+    settings: ReplicationConfig,
+    result: RepositorySync,
+    *,
+    dry_run: bool,
+    shared_storage: StorageAdapter | None,
+) -> None:
     if shared_storage:
         # The secondary lists what the primary lists, from the same storage: every tag is confirmed, not
         # compared, because what makes it synced is that its manifests and blobs really are there.
@@ -143,7 +167,7 @@ async def sync_repository(
     result.unchanged = len(wanted) - len(to_copy)
     if dry_run:
         result.copied, result.removed = to_copy, to_remove
-        return result
+        return
 
     async def copy(tag: str) -> None:
         try:
@@ -185,9 +209,31 @@ async def sync_repository(
             continue
         if deletion.outcome is DeletionOutcome.REMOVED:
             result.removed.append(tag)
-    if result.failed:
-        raise RepositorySyncFailed(result)
-    return result
+
+
+def group_results(group: RepositoryGroup[RepositorySync]) -> list[RepositorySync]:
+    """What each repository of a group came to, those that could not even be listed included."""
+    found = []
+    for name in group.names:
+        if name in group.results:
+            found.append(group.results[name])
+        elif (error := group.errors.get(name)) is not None:
+            if isinstance(error, RepositorySyncFailed):
+                found.append(error.result)
+            else:
+                found.append(RepositorySync(name, failed={"*": str(error)}, transient=error.worth_retrying))
+    return found
+
+
+_ROWS_SHOWN = {"failed": 50, "slowest": 20}
+
+
+def report_rows(results: list[RepositorySync]) -> list[dict[str, object]]:
+    """The rows of a backfill's report: its failures, then its slowest repositories; the counts of
+    everything are in its summary. At 10^4 repositories a row each would be a table nobody reads."""
+    failed = sorted((r for r in results if not r.ok), key=lambda r: r.repository)[: _ROWS_SHOWN["failed"]]
+    slowest = sorted((r for r in results if r.ok), key=lambda r: r.seconds, reverse=True)[: _ROWS_SHOWN["slowest"]]
+    return [result.as_row() for result in failed + slowest]
 
 
 def _record_failure(result: RepositorySync, tag: str, error: GeoregError) -> None:

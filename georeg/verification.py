@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from georeg.concurrency import bounded
 from georeg.config import ReplicationConfig
 from georeg.registry import Descriptor, RegistryClient
+from georeg.repository_groups import RepositoryGroup
 from georeg.repository_sync import tag_digests, tags_checksum
 
 _SHOWN = 5  # differences named in a failure message; the rest are counted
@@ -61,6 +62,26 @@ async def verify_repository(
     if deep:
         await _check_blobs(secondary, repository, sorted(set(present.values())), result)
     return result
+
+
+def group_results(group: RepositoryGroup[RepositoryVerification]) -> list[RepositoryVerification]:
+    """What each repository of a group came to; one that could not be checked counts as not verified."""
+    found = []
+    for name in group.names:
+        if name in group.results:
+            found.append(group.results[name])
+        elif (error := group.errors.get(name)) is not None:
+            found.append(RepositoryVerification(name, "", "", problems=[f"could not be checked: {error}"]))
+    return found
+
+
+_ROWS_SHOWN = 50
+
+
+def report_rows(results: list[RepositoryVerification]) -> list[dict[str, object]]:
+    """A verification's report: the repositories that differ (the first 50); its summary counts the rest."""
+    mismatched = sorted((r for r in results if not r.ok), key=lambda r: r.repository)[:_ROWS_SHOWN]
+    return [{"repository": r.repository, "blobs checked": r.blobs_checked, "problem": r.failure()} for r in mismatched]
 
 
 async def _check_blobs(

@@ -20,18 +20,18 @@ from prefect import flow
 from prefect.artifacts import acreate_table_artifact
 
 from georeg.batches import BATCH_RUN, batch_lease, fans_out, run_batches
-from georeg.concurrency import bounded
 from georeg.config import GeoregConfig, load_config
-from georeg.errors import GeoregError, ReplicationError
+from georeg.errors import ReplicationError
 from georeg.flows.common import for_each_secondary, open_state, run_holder, run_name
 from georeg.progress import Progress, artifact_key
 from georeg.registry import RegistryClient
-from georeg.repository_sync import RepositorySync, RepositorySyncFailed, summarise
+from georeg.repository_groups import RepositoryGroup, in_groups
+from georeg.repository_sync import RepositorySync, group_results, report_rows, summarise
 from georeg.sharing import ModeDecision, decide_mode
 from georeg.state import StateStore
 from georeg.state.sync import STARTED, SyncRecorder
 from georeg.storage_adapters import BlobInventory, StorageAdapter
-from georeg.tasks.repositories import list_repositories_task, sync_repository_task
+from georeg.tasks.repositories import list_repositories_task, sync_repositories_task
 from georeg.tasks.retries import with_retry_settings
 
 logger = logging.getLogger("georeg.backfill")
@@ -150,31 +150,39 @@ async def _sync_repositories(
         )
         starting.append(store.sync.set_repository_states(target.name, repositories, state=STARTED))
     await asyncio.gather(*starting)
-    sync_repository = with_retry_settings(sync_repository_task, settings)
+    sync_group = with_retry_settings(sync_repositories_task, settings)
+    results: list[RepositorySync] = []
 
-    async def sync(repository: str) -> RepositorySync:
+    async def sync(group: RepositoryGroup[RepositorySync]) -> None:
         try:
-            result = await sync_repository(primary, target, repository, settings, dry_run, mode.storage)
-        except RepositorySyncFailed as failure:
-            result = failure.result
-        except GeoregError as error:  # the repository could not even be listed
-            result = RepositorySync(repository, failed={"*": str(error)})
-        if recorder is not None:
-            await (recorder.synced(repository) if result.ok else recorder.failed(repository, result.failure_summary()))
-        await progress.advance()
-        return result
+            await sync_group(primary, target, group, settings, dry_run, mode.storage)
+        finally:  # what the group came to is recorded even when its task gave up
+            outcomes = group_results(group)
+            results.extend(outcomes)
+            if recorder is not None:
+                for result in outcomes:
+                    await (
+                        recorder.synced(result.repository)
+                        if result.ok
+                        else recorder.failed(result.repository, result.failure_summary())
+                    )
 
-    room = asyncio.Semaphore(settings.concurrency.repositories)
     try:
-        results = await asyncio.gather(*(bounded(room, sync(name)) for name in repositories))
+        await in_groups(
+            repositories,
+            config.backfill.repositories_per_task,
+            settings.concurrency.repositories,
+            sync,
+            finished=progress.advance,
+        )
     finally:
         if recorder is not None:
             await asyncio.shield(recorder.flush())  # what was learned is kept, even when cancelled
     await acreate_table_artifact(
-        table=[result.as_row() for result in results],
+        table=report_rows(results),
         key=artifact_key("backfill", target.name, "report"),
         description=f"{'Dry run of the b' if dry_run else 'B'}ackfill of {target.name} ({mode.mode.value} mode: "
-        f"{mode.reason})",
+        f"{mode.reason}): {_counts(summarise(results))}. The table shows its failures, then its slowest repositories.",
     )
     return {"secondary": target.name, "mode": mode.mode.value, "dry_run": dry_run, **summarise(results)}
 
@@ -207,3 +215,11 @@ def _raise_if_failed(summary: dict[str, Any], repositories: int) -> None:
         raise ReplicationError(
             f"{summary['failed']} of {repositories} repositories failed: " + "; ".join(summary["failures"])
         )
+
+
+def _counts(summary: dict[str, Any]) -> str:
+    return (
+        f"{summary['synced']} repositories synced, {summary['failed']} failed; tags: "
+        f"{summary['tags_replicated']} replicated, {summary['tags_confirmed']} confirmed, "
+        f"{summary['tags_removed']} removed, {summary['tags_unchanged']} unchanged"
+    )

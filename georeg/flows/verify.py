@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import acreate_table_artifact
 
-from georeg.concurrency import bounded
 from georeg.config import GeoregConfig, load_config
 from georeg.errors import ReplicationError
 from georeg.flows.common import for_each_secondary, open_state, run_name
 from georeg.progress import Progress, artifact_key
 from georeg.registry import RegistryClient
+from georeg.repository_groups import RepositoryGroup, in_groups
 from georeg.state import StateStore
-from georeg.tasks.repositories import list_repositories_task, verify_repository_task
+from georeg.tasks.repositories import list_repositories_task, verify_repositories_task
 from georeg.tasks.retries import with_retry_settings
-from georeg.verification import RepositoryVerification
+from georeg.verification import RepositoryVerification, group_results, report_rows
 
 
 @flow(name="verify", flow_run_name=run_name("verify"))
@@ -43,24 +42,31 @@ async def _verify_secondary(
     repositories = await with_retry_settings(list_repositories_task, settings)(primary, target, settings)
     progress = Progress(artifact_key("verify", target.name), f"Verification of {target.name}", len(repositories))
     await progress.start()
-    check = with_retry_settings(verify_repository_task, settings)
+    check_group = with_retry_settings(verify_repositories_task, settings)
+    results: list[RepositoryVerification] = []
 
-    async def verify_repository(repository: str) -> RepositoryVerification:
-        result = await check(primary, target, repository, settings, deep)
-        await store.sync.repository_verified(target.name, repository, result.failure())
-        await progress.advance()
-        return result
+    async def check(group: RepositoryGroup[RepositoryVerification]) -> None:
+        try:
+            await check_group(primary, target, group, settings, deep)
+        finally:  # what the group came to is recorded even when its task gave up
+            outcomes = group_results(group)
+            results.extend(outcomes)
+            for result in outcomes:
+                await store.sync.repository_verified(target.name, result.repository, result.failure())
 
-    room = asyncio.Semaphore(settings.concurrency.repositories)
-    results = await asyncio.gather(*(bounded(room, verify_repository(name)) for name in repositories))
+    await in_groups(
+        repositories,
+        config.backfill.repositories_per_task,
+        settings.concurrency.repositories,
+        check,
+        finished=progress.advance,
+    )
     mismatched = [result for result in results if not result.ok]
     await acreate_table_artifact(
-        table=[
-            {"repository": r.repository, "verified": r.ok, "blobs checked": r.blobs_checked, "problem": r.failure()}
-            for r in results
-        ],
+        table=report_rows(results),
         key=artifact_key("verify", target.name, "report"),
-        description=f"Verification of {target.name}{' (deep)' if deep else ''}",
+        description=f"Verification of {target.name}{' (deep)' if deep else ''}: {len(results) - len(mismatched)} "
+        f"repositories verified, {len(mismatched)} differ. The table shows those that differ.",
     )
     summary = {
         "secondary": target.name,

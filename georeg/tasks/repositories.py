@@ -1,8 +1,9 @@
 """The backfill's and verification's units as Prefect tasks (the logic: `georeg.repository_sync`,
 `georeg.verification`).
 
-A repository is one task: a retry redoes the whole repository, which costs only its listing and
-HEADs for what was already copied.
+A group of repositories is one task (`georeg.repository_groups`): a retry redoes only the
+repositories that failed in a way another attempt may fix, each whole, which costs only its listing
+and HEADs for what was already copied.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from prefect import task
 from georeg import repository_sync, verification
 from georeg.config import ReplicationConfig
 from georeg.registry import RegistryClient
+from georeg.repository_groups import RepositoryGroup
 from georeg.storage_adapters import StorageAdapter
 from georeg.tasks.retries import RETRYING
 
@@ -23,22 +25,32 @@ async def list_repositories_task(
     return await repository_sync.list_repositories(primary, secondary, settings, shared=shared)
 
 
-@task(name="sync-repository", task_run_name="sync {repository}", **RETRYING)
-async def sync_repository_task(
+@task(name="sync-repositories", task_run_name="sync {group}", **RETRYING)
+async def sync_repositories_task(
     primary: RegistryClient,
     secondary: RegistryClient,
-    repository: str,
+    group: RepositoryGroup[repository_sync.RepositorySync],
     settings: ReplicationConfig,
     dry_run: bool,
     shared_storage: StorageAdapter | None,
-) -> repository_sync.RepositorySync:
-    return await repository_sync.sync_repository(
-        primary, secondary, repository, settings, dry_run=dry_run, shared_storage=shared_storage
-    )
+) -> int:
+    async def sync(repository: str) -> repository_sync.RepositorySync:
+        return await repository_sync.sync_repository(
+            primary, secondary, repository, settings, dry_run=dry_run, shared_storage=shared_storage
+        )
+
+    return await group.run(sync)
 
 
-@task(name="verify-repository", task_run_name="verify {repository}", **RETRYING)
-async def verify_repository_task(
-    primary: RegistryClient, secondary: RegistryClient, repository: str, settings: ReplicationConfig, deep: bool
-) -> verification.RepositoryVerification:
-    return await verification.verify_repository(primary, secondary, repository, settings, deep=deep)
+@task(name="verify-repositories", task_run_name="verify {group}", **RETRYING)
+async def verify_repositories_task(
+    primary: RegistryClient,
+    secondary: RegistryClient,
+    group: RepositoryGroup[verification.RepositoryVerification],
+    settings: ReplicationConfig,
+    deep: bool,
+) -> int:
+    async def check(repository: str) -> verification.RepositoryVerification:
+        return await verification.verify_repository(primary, secondary, repository, settings, deep=deep)
+
+    return await group.run(check)

@@ -329,14 +329,23 @@ async def test_a_backfill_ends_by_forgetting_old_events_and_runs(fresh_pair, wri
     assert len(runs) == 1 and runs[0] != old_run  # the backfill just finished is the latest: kept
 
 
-async def test_the_backfill_publishes_a_table_artifact(fresh_pair, write_config):
+async def test_the_backfill_groups_repositories_per_task_and_reports_a_summary(fresh_pair, write_config):
+    """A task run per group of repositories, not per repository; the report counts everything and
+    lists failures and the slowest, not a row per repository."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
     from prefect.client.schemas.sorting import ArtifactSort
 
     pair = fresh_pair
-    repositories = populate(pair, count=3)
-    write_config(pair.primary.url, pair.secondary.url)
+    repositories = populate(pair, count=5)
+    write_config(pair.primary.url, pair.secondary.url, backfill={"repositories_per_task": 2})
     await backfill()
 
     async with get_client() as client:
@@ -350,9 +359,17 @@ async def test_the_backfill_publishes_a_table_artifact(fresh_pair, write_config)
             sort=ArtifactSort.CREATED_DESC,
             limit=1,
         )
+        group_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[artifacts[0].flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="sync ")),
+        )
     rows = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
-    assert sorted(row["repository"] for row in rows) == sorted(repositories)
+    assert sorted(row["repository"] for row in rows) == sorted(repositories)  # the slowest: all five here
+    assert "5 repositories synced, 0 failed" in artifacts[0].description
     assert progress and float(progress[0].data) == 100.0
+    assert sorted(run.name for run in group_runs) == sorted(
+        ["sync team0/app0 and 1 more", "sync team1/app1 and 1 more", "sync team2/app2"]
+    )
 
 
 async def test_a_copy_limit_holds_however_much_concurrency_is_configured(fresh_pair, write_config, prefect_api_url):
