@@ -3,11 +3,11 @@ without asking any registry. `georeg status --json` and `GET /status` emit `coll
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import textwrap
 import time
-from collections import Counter
 from typing import Any
 
 from georeg.config import GeoregConfig, SecondaryConfig
@@ -31,26 +31,28 @@ async def collect_status(config: GeoregConfig, store: StateStore) -> dict[str, A
 
 async def _secondary_status(config: GeoregConfig, store: StateStore, secondary: SecondaryConfig) -> dict[str, Any]:
     name = secondary.name
-    states = list((await store.sync.repository_states(name)).values())
-    count = Counter(state.state for state in states)
-    verification = Counter(state.verification for state in states)
-    oldest = await store.journal.oldest_owed_event(name)
-    failing = sorted((s for s in states if s.state == FAILED), key=lambda s: s.updated_at, reverse=True)
+    # Counted and picked by the database: at 10^5 repositories, loading every row takes seconds.
+    (count, verification), failing, oldest = await asyncio.gather(
+        store.sync.counts(name),
+        store.sync.latest_failures(name, _FAILURES_SHOWN),
+        store.journal.oldest_owed_event(name),
+    )
+    total = sum(count.values())
     return {
         "name": name,
         "url": secondary.url,
         "mode": _mode(config, secondary),
         "repositories": {
-            "total": len(states),
+            "total": total,
             "synced": count[SYNCED],
             "failed": count[FAILED],
             "pending": count[PENDING] + count[STARTED],
         },
-        "synced_percent": round(100.0 * count[SYNCED] / len(states), 1) if states else None,
+        "synced_percent": round(100.0 * count[SYNCED] / total, 1) if total else None,
         "verification": {
             "verified": verification[VERIFIED],
             "failed": verification[MISMATCH],
-            "unverified": len(states) - verification[VERIFIED] - verification[MISMATCH],
+            "unverified": total - verification[VERIFIED] - verification[MISMATCH],
         },
         "oldest_unsynced_event": _iso(oldest),
         "last_backfill": _run(await store.runs.last("backfill", name)),
@@ -62,7 +64,7 @@ async def _secondary_status(config: GeoregConfig, store: StateStore, secondary: 
                 "retry_at": _iso(state.retry_at),
                 "last_failure": state.last_failure,
             }
-            for state in failing[:_FAILURES_SHOWN]
+            for state in failing
         ],
     }
 

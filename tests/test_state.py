@@ -13,7 +13,8 @@ from georeg.errors import ConfigError
 from georeg.events import DELETE, REPLICATE, AcceptedEvent
 from georeg.state import StateStore, database_url, journal
 from georeg.state.journal import PENDING, WorkItem
-from georeg.state.sync import FAILED, STARTED, SYNCED
+from georeg.state.sync import FAILED, MISMATCH, STARTED, SYNCED, VERIFIED
+from georeg.state.sync import PENDING as PENDING_SYNC
 
 
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -174,6 +175,27 @@ async def test_repository_states_are_written_in_bulk(store):
     assert states[names[0]].state == SYNCED and states[names[0]].retry_count == 0
     assert states[names[0]].last_failure is None and states[names[999]].last_synced_at is not None
     assert not await store.sync.repository_states("west")
+
+
+async def test_status_counts_failures_and_deferred_repositories_are_queries_not_a_scan_of_rows(store):
+    names = [f"group/app{number:04d}" for number in range(30)]
+    await store.sync.repositories_synced("east", names[:20])
+    await store.sync.set_repository_states("east", names[20:25], state=STARTED)
+    for name in names[25:]:
+        await store.sync.repository_failed("east", name, f"{name} failed", base=3600, cap=7200)
+    await store.sync.repository_failed("east", names[0], "failed, retry due", base=0, cap=1)
+    await store.sync.repository_verified("east", names[1], None)
+    await store.sync.repository_verified("east", names[2], "tag v1 missing")  # back to pending
+
+    states, verifications = await store.sync.counts("east")
+    latest = await store.sync.latest_failures("east", 3)
+
+    assert states == {SYNCED: 18, STARTED: 5, FAILED: 6, PENDING_SYNC: 1}
+    assert verifications == {VERIFIED: 1, MISMATCH: 1, None: 28}
+    assert [row.repository for row in latest] == [names[0], names[29], names[28]]
+    assert await store.sync.deferred_repositories("east") == set(names[25:])
+    assert await store.sync.known_repositories("east") == set(names)
+    assert await store.sync.counts("west") == ({}, {})
 
 
 async def test_running_rows_are_listed_for_recovery_and_can_be_released(store):

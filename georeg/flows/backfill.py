@@ -104,13 +104,14 @@ async def _backfill_secondary(
         ):
             settings = config.replication
             list_repositories = with_retry_settings(list_repositories_task, settings)
-            repositories, states = await asyncio.gather(
+            repositories, known, deferred = await asyncio.gather(
                 list_repositories(primary, target, settings, shared=mode.storage is not None),
-                store.sync.repository_states(target.name),
+                store.sync.known_repositories(target.name),
+                store.sync.deferred_repositories(target.name),
             )
-            due = [name for name in repositories if name not in states or states[name].due()]
+            due = [name for name in repositories if name not in deferred]
             if not dry_run:  # no longer on either side (or filtered out)
-                await store.sync.forget_repositories(target.name, sorted(set(states) - set(repositories)))
+                await store.sync.forget_repositories(target.name, sorted(known - set(repositories)))
             if fans_out(config, len(due)):
                 summary = await run_batches(config, store, target.name, due, dry_run)
             else:

@@ -4,9 +4,10 @@ or failed, with a retry count that only grows until a success, and the last veri
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, delete, select
+from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, delete, func, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from georeg.retries import backoff_delay
@@ -18,7 +19,11 @@ VERIFIED, MISMATCH = "verified", "mismatch"
 
 class RepositoryState(Base):
     __tablename__ = "georeg_repositories"
-    __table_args__ = (UniqueConstraint("secondary", "repository"),)
+    __table_args__ = (
+        UniqueConstraint("secondary", "repository"),
+        # Status counts and the failing list read this index alone, not 10^5 rows.
+        Index("ix_georeg_repositories_state", "secondary", "state", "verification", "updated_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     secondary: Mapped[str] = mapped_column(String(255))
@@ -33,10 +38,6 @@ class RepositoryState(Base):
     verification_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
 
-    def due(self) -> bool:
-        """Whether a backfill should sync it now: everything is, but a failure whose retry time is to come."""
-        return self.state != FAILED or (self.retry_at or 0) <= time.time()
-
 
 class SyncStates:
     def __init__(self, database: Database) -> None:
@@ -47,6 +48,50 @@ class SyncStates:
             rows = await session.scalars(select(RepositoryState).where(RepositoryState.secondary == secondary))
             return {row.repository: row for row in rows}
 
+    async def deferred_repositories(self, secondary: str) -> set[str]:
+        """The repositories that failed and whose retry time is still to come: a backfill skips them."""
+        async with self._db.transaction() as session:
+            names = await session.scalars(
+                select(RepositoryState.repository).where(
+                    RepositoryState.secondary == secondary,
+                    RepositoryState.state == FAILED,
+                    RepositoryState.retry_at > time.time(),
+                )
+            )
+            return set(names)
+
+    async def counts(self, secondary: str) -> tuple[Counter[str], Counter[str | None]]:
+        """How many repositories are in each sync state, and in each verification state (None: never verified)."""
+        async with self._db.transaction() as session:
+            rows = await session.execute(
+                select(RepositoryState.state, RepositoryState.verification, func.count())
+                .where(RepositoryState.secondary == secondary)
+                .group_by(RepositoryState.state, RepositoryState.verification)
+            )
+            states: Counter[str] = Counter()
+            verifications: Counter[str | None] = Counter()
+            for state, verification, count in rows.tuples():
+                states[state] += count
+                verifications[verification] += count
+            return states, verifications
+
+    async def latest_failures(self, secondary: str, limit: int) -> list[RepositoryState]:
+        """The `limit` repositories that failed most recently."""
+        async with self._db.transaction() as session:
+            rows = await session.scalars(
+                select(RepositoryState)
+                .where(RepositoryState.secondary == secondary, RepositoryState.state == FAILED)
+                .order_by(RepositoryState.updated_at.desc())
+                .limit(limit)
+            )
+            return list(rows)
+
+    async def known_repositories(self, secondary: str) -> set[str]:
+        async with self._db.transaction() as session:
+            return set(
+                await session.scalars(select(RepositoryState.repository).where(RepositoryState.secondary == secondary))
+            )
+
     async def set_repository_state(self, secondary: str, repository: str, **values: object) -> None:
         """Create or update the row of (secondary, repository) with `values`."""
         await self.set_repository_states(secondary, [repository], **values)
@@ -54,21 +99,17 @@ class SyncStates:
     async def set_repository_states(self, secondary: str, repositories: Sequence[str], **values: object) -> None:
         """Create or update the rows of many repositories of `secondary` with the same `values`, a few
         hundred rows per statement in one transaction: a backfill records its repositories in bulk."""
+        if not repositories:
+            return
         now = time.time()
+        upsert = self._db.insert(RepositoryState).on_conflict_do_update(
+            index_elements=["secondary", "repository"], set_={"updated_at": now, **values}
+        )
+        first = {"secondary": secondary, "updated_at": now, "state": PENDING, "retry_count": 0, **values}
+        # One statement with many parameter sets: SQLAlchemy compiles it once and sends it in batches
+        # of multi-row VALUES; a statement built with .values(rows) is compiled anew, row by row, each time.
         async with self._db.transaction() as session:
-            for start in range(0, len(repositories), ROWS_PER_STATEMENT):
-                rows = [
-                    {"secondary": secondary, "repository": repository, "updated_at": now, "state": PENDING}
-                    | {"retry_count": 0, **values}
-                    for repository in repositories[start : start + ROWS_PER_STATEMENT]
-                ]
-                await session.execute(
-                    self._db.insert(RepositoryState)
-                    .values(rows)
-                    .on_conflict_do_update(
-                        index_elements=["secondary", "repository"], set_={"updated_at": now, **values}
-                    )
-                )
+            await session.execute(upsert, [first | {"repository": repository} for repository in repositories])
 
     async def repositories_synced(self, secondary: str, repositories: Sequence[str]) -> None:
         await self.set_repository_states(
