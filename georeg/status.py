@@ -24,45 +24,52 @@ async def collect_status(config: GeoregConfig, store: StateStore) -> dict[str, A
     """A stable JSON document: `version`, `generated_at`, and one entry per secondary."""
     return {
         "version": STATUS_VERSION,
-        "generated_at": _iso(time.time()),
-        "secondaries": [await _secondary_status(config, store, secondary) for secondary in config.secondaries],
+        "generated_at": iso_time(time.time()),
+        "secondaries": [await secondary_status(config, store, secondary) for secondary in config.secondaries],
     }
 
 
-async def _secondary_status(config: GeoregConfig, store: StateStore, secondary: SecondaryConfig) -> dict[str, Any]:
+async def secondary_status(
+    config: GeoregConfig, store: StateStore, secondary: SecondaryConfig, *, failures_shown: int = _FAILURES_SHOWN
+) -> dict[str, Any]:
+    """One secondary's entry of the document, with its `failures_shown` most recent failures. The counts
+    come from the database's own aggregates, so its cost hardly grows with the number of repositories."""
     name = secondary.name
-    states = list((await store.sync.repository_states(name)).values())
-    count = Counter(state.state for state in states)
-    verification = Counter(state.verification for state in states)
+    count: Counter[str] = Counter()
+    verification: Counter[str | None] = Counter()
+    for (state, verified), number in (await store.sync.state_counts(name)).items():
+        count[state] += number
+        verification[verified] += number
+    total = count.total()
     oldest = await store.journal.oldest_owed_event(name)
-    failing = sorted((s for s in states if s.state == FAILED), key=lambda s: s.updated_at, reverse=True)
+    failing = await store.sync.latest_failures(name, failures_shown)
     return {
         "name": name,
         "url": secondary.url,
         "mode": _mode(config, secondary),
         "repositories": {
-            "total": len(states),
+            "total": total,
             "synced": count[SYNCED],
             "failed": count[FAILED],
             "pending": count[PENDING] + count[STARTED],
         },
-        "synced_percent": round(100.0 * count[SYNCED] / len(states), 1) if states else None,
+        "synced_percent": round(100.0 * count[SYNCED] / total, 1) if total else None,
         "verification": {
             "verified": verification[VERIFIED],
             "failed": verification[MISMATCH],
-            "unverified": len(states) - verification[VERIFIED] - verification[MISMATCH],
+            "unverified": total - verification[VERIFIED] - verification[MISMATCH],
         },
-        "oldest_unsynced_event": _iso(oldest),
+        "oldest_unsynced_event": iso_time(oldest),
         "last_backfill": _run(await store.runs.last("backfill", name)),
         "last_verification": _run(await store.runs.last("verify", name)),
         "failures": [
             {
                 "repository": state.repository,
                 "retry_count": state.retry_count,
-                "retry_at": _iso(state.retry_at),
+                "retry_at": iso_time(state.retry_at),
                 "last_failure": state.last_failure,
             }
-            for state in failing[:_FAILURES_SHOWN]
+            for state in failing
         ],
     }
 
@@ -80,14 +87,15 @@ def _run(record: RunRecord | None) -> dict[str, Any] | None:
     if record is None:
         return None
     return {
-        "started_at": _iso(record.started_at),
-        "finished_at": _iso(record.finished_at),
+        "started_at": iso_time(record.started_at),
+        "finished_at": iso_time(record.finished_at),
         "outcome": record.outcome,
         "summary": json.loads(record.summary or "{}"),
     }
 
 
-def _iso(timestamp: float | None) -> str | None:
+def iso_time(timestamp: float | None) -> str | None:
+    """A Unix time as ISO 8601 in UTC to the second, as every document and page of georeg shows times."""
     if timestamp is None:
         return None
     return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).isoformat(timespec="seconds")

@@ -176,6 +176,29 @@ async def test_repository_states_are_written_in_bulk(store):
     assert not await store.sync.repository_states("west")
 
 
+async def test_states_are_counted_and_the_latest_failures_read_by_the_database(store):
+    """What `georeg status` and the dashboard read, without loading every repository of a secondary."""
+    await store.sync.repositories_synced("east", ["a/1", "a/2", "a/3"])
+    await store.sync.set_repository_states("east", ["p/1"], state=STARTED)
+    await store.sync.repository_verified("east", "a/1", None)
+    for name in ("f/old", "f/middle", "f/new"):
+        await store.sync.repository_failed("east", name, f"{name} broke", base=60, cap=3600)
+    await store.sync.repository_failed("west", "f/elsewhere", "not east's", base=60, cap=3600)
+
+    assert await store.sync.state_counts("east") == {
+        (SYNCED, "verified"): 1,
+        (SYNCED, None): 2,
+        (STARTED, None): 1,
+        (FAILED, None): 3,
+    }
+    latest = await store.sync.latest_failures("east", 2)
+    assert [(row.repository, row.last_failure, row.retry_count) for row in latest] == [
+        ("f/new", "f/new broke", 1),
+        ("f/middle", "f/middle broke", 1),
+    ]
+    assert await store.sync.state_counts("nowhere") == {} and await store.sync.latest_failures("nowhere", 5) == []
+
+
 async def test_running_rows_are_listed_for_recovery_and_can_be_released(store):
     await store.journal.record_events([push("r")], ["east"])
     [claim] = await store.journal.claim_due(1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, delete, select
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, delete, func, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from georeg.retries import backoff_delay
@@ -46,6 +46,28 @@ class SyncStates:
         async with self._db.transaction() as session:
             rows = await session.scalars(select(RepositoryState).where(RepositoryState.secondary == secondary))
             return {row.repository: row for row in rows}
+
+    async def state_counts(self, secondary: str) -> dict[tuple[str, str | None], int]:
+        """How many repositories of `secondary` are in each (state, verification), counted by the database:
+        a dashboard of 10^5 repositories must not load them."""
+        async with self._db.transaction() as session:
+            rows = await session.execute(
+                select(RepositoryState.state, RepositoryState.verification, func.count())
+                .where(RepositoryState.secondary == secondary)
+                .group_by(RepositoryState.state, RepositoryState.verification)
+            )
+            return {(state, verification): count for state, verification, count in rows}
+
+    async def latest_failures(self, secondary: str, limit: int) -> list[RepositoryState]:
+        """The `limit` repositories of `secondary` that failed most recently, newest first."""
+        async with self._db.transaction() as session:
+            rows = await session.scalars(
+                select(RepositoryState)
+                .where(RepositoryState.secondary == secondary, RepositoryState.state == FAILED)
+                .order_by(RepositoryState.updated_at.desc(), RepositoryState.repository)
+                .limit(limit)
+            )
+            return list(rows)
 
     async def set_repository_state(self, secondary: str, repository: str, **values: object) -> None:
         """Create or update the row of (secondary, repository) with `values`."""
