@@ -6,13 +6,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from georeg.config import load_config
-from georeg.dashboard import FAILURES_LISTED, dashboard_key, render_dashboard
+from georeg.config import GeoregConfig, load_config
+from georeg.dashboard import FAILURES_LISTED, dashboard_key, publish_dashboard, render_dashboard
 from georeg.state import StateStore
 from georeg.status import secondary_status
 from tests.conftest import RegistryPair, WriteConfig
@@ -106,22 +106,27 @@ def test_credentials_in_a_registry_url_stay_off_the_dashboard():
     assert "https://registry.example.com:5000, copy mode" in markdown
 
 
-async def test_only_the_latest_failures_are_listed_and_the_rest_counted(tmp_path: Path):
-    """Against a real state database: counts in SQL, the most recent 20 failures by name."""
+@pytest.fixture
+async def east(tmp_path: Path) -> AsyncIterator[tuple[GeoregConfig, StateStore]]:
+    """A config with one secondary, `east`, and its state database (SQLite beside the config)."""
     config_path = tmp_path / "georeg.yaml"
     config_path.write_text(
         "primary: {url: http://127.0.0.1:5000}\nsecondaries: [{name: east, url: http://127.0.0.1:5001}]\n"
     )
     config = load_config(config_path)
     store = StateStore(config.state.url)
-    try:
-        await store.ensure_schema()
-        await store.sync.repositories_synced("east", [f"ok/{n}" for n in range(50)])
-        for number in range(FAILURES_LISTED + 5):
-            await store.sync.repository_failed("east", f"bad/{number:02d}", f"reason {number}", base=60, cap=3600)
-        entry = await secondary_status(config, store, config.secondaries[0], failures_shown=FAILURES_LISTED)
-    finally:
-        await store.close()
+    await store.ensure_schema()
+    yield config, store
+    await store.close()
+
+
+async def test_only_the_latest_failures_are_listed_and_the_rest_counted(east: tuple[GeoregConfig, StateStore]):
+    """Against a real state database: counts in SQL, the most recent 20 failures by name."""
+    config, store = east
+    await store.sync.repositories_synced("east", [f"ok/{n}" for n in range(50)])
+    for number in range(FAILURES_LISTED + 5):
+        await store.sync.repository_failed("east", f"bad/{number:02d}", f"reason {number}", base=60, cap=3600)
+    entry = await secondary_status(config, store, config.secondaries[0], failures_shown=FAILURES_LISTED)
 
     markdown = render_dashboard(entry, "now")
 
@@ -129,6 +134,18 @@ async def test_only_the_latest_failures_are_listed_and_the_rest_counted(tmp_path
     listed = re.findall(r"^- \*\*bad/(\d+)\*\*: failed 1x, ", markdown, re.MULTILINE)
     assert listed == [f"{number:02d}" for number in range(24, 4, -1)]  # newest first
     assert "And 5 more, not listed" in markdown
+
+
+async def test_a_prefect_api_out_of_reach_costs_a_warning_not_the_run(east: tuple[GeoregConfig, StateStore], caplog):
+    """The backfill or verification did its work; the dashboard is a view of it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    config, store = east
+    # Port 9 (discard) has nothing listening on loopback: the connection is refused.
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        await publish_dashboard(config, store, "east")
+
+    assert "the dashboard of east was not published: ConnectError" in caplog.text
 
 
 @pytest.mark.parametrize(
