@@ -24,17 +24,21 @@ async def collect_status(config: GeoregConfig, store: StateStore) -> dict[str, A
     """A stable JSON document: `version`, `generated_at`, and one entry per secondary."""
     return {
         "version": STATUS_VERSION,
-        "generated_at": _iso(time.time()),
-        "secondaries": [await _secondary_status(config, store, secondary) for secondary in config.secondaries],
+        "generated_at": iso_time(time.time()),
+        "secondaries": [await secondary_status(config, store, secondary) for secondary in config.secondaries],
     }
 
 
-async def _secondary_status(config: GeoregConfig, store: StateStore, secondary: SecondaryConfig) -> dict[str, Any]:
+async def secondary_status(
+    config: GeoregConfig, store: StateStore, secondary: SecondaryConfig, *, failures_shown: int = _FAILURES_SHOWN
+) -> dict[str, Any]:
+    """One secondary's entry of the document, with its `failures_shown` most recent failures. The counts
+    come from the database's own aggregates, so its cost hardly grows with the number of repositories."""
     name = secondary.name
     # Counted and picked by the database: at 10^5 repositories, loading every row takes seconds.
     (count, verification), failing, oldest = await asyncio.gather(
         store.sync.counts(name),
-        store.sync.latest_failures(name, _FAILURES_SHOWN),
+        store.sync.latest_failures(name, failures_shown),
         store.journal.oldest_owed_event(name),
     )
     total = sum(count.values())
@@ -54,14 +58,14 @@ async def _secondary_status(config: GeoregConfig, store: StateStore, secondary: 
             "failed": verification[MISMATCH],
             "unverified": total - verification[VERIFIED] - verification[MISMATCH],
         },
-        "oldest_unsynced_event": _iso(oldest),
+        "oldest_unsynced_event": iso_time(oldest),
         "last_backfill": _run(await store.runs.last("backfill", name)),
         "last_verification": _run(await store.runs.last("verify", name)),
         "failures": [
             {
                 "repository": state.repository,
                 "retry_count": state.retry_count,
-                "retry_at": _iso(state.retry_at),
+                "retry_at": iso_time(state.retry_at),
                 "last_failure": state.last_failure,
             }
             for state in failing
@@ -82,14 +86,15 @@ def _run(record: RunRecord | None) -> dict[str, Any] | None:
     if record is None:
         return None
     return {
-        "started_at": _iso(record.started_at),
-        "finished_at": _iso(record.finished_at),
+        "started_at": iso_time(record.started_at),
+        "finished_at": iso_time(record.finished_at),
         "outcome": record.outcome,
         "summary": json.loads(record.summary or "{}"),
     }
 
 
-def _iso(timestamp: float | None) -> str | None:
+def iso_time(timestamp: float | None) -> str | None:
+    """A Unix time as ISO 8601 in UTC to the second, as every document and page of georeg shows times."""
     if timestamp is None:
         return None
     return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).isoformat(timespec="seconds")

@@ -21,6 +21,7 @@ from prefect.artifacts import acreate_table_artifact
 
 from georeg.batches import BATCH_RUN, batch_lease, fans_out, run_batches
 from georeg.config import GeoregConfig, load_config
+from georeg.dashboard import publish_dashboard
 from georeg.errors import ReplicationError
 from georeg.flows.common import for_each_secondary, open_state, run_holder, run_name
 from georeg.progress import Progress, artifact_key
@@ -122,6 +123,8 @@ async def _backfill_secondary(
         if run_id is not None:
             await store.runs.finished(run_id, outcome, summary if outcome != "crashed" else {})
         await store.leases.release(lease, holder)
+        if run_id is not None:
+            await publish_dashboard(config, store, target.name)
     if not dry_run:  # the backfill's end is a quiet moment to forget old events and runs
         await store.retention.prune(config.state.retention_days)
     _raise_if_failed(summary, summary["repositories"])

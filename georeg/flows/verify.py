@@ -8,6 +8,7 @@ from prefect import flow
 from prefect.artifacts import acreate_table_artifact
 
 from georeg.config import GeoregConfig, load_config
+from georeg.dashboard import publish_dashboard
 from georeg.errors import ReplicationError
 from georeg.flows.common import for_each_secondary, open_state, run_name
 from georeg.progress import Progress, artifact_key
@@ -76,6 +77,7 @@ async def _verify_secondary(
         "blobs_checked": sum(r.blobs_checked for r in results),
     }
     await store.runs.finished(run_id, "failed" if mismatched else "completed", summary)
+    await publish_dashboard(config, store, target.name)
     if mismatched:
         named = "; ".join(f"{r.repository}: {r.failure()}" for r in mismatched[:3])
         raise ReplicationError(f"{len(mismatched)} of {len(results)} repositories differ: {named}")

@@ -81,7 +81,7 @@ class SyncStates:
             rows = await session.scalars(
                 select(RepositoryState)
                 .where(RepositoryState.secondary == secondary, RepositoryState.state == FAILED)
-                .order_by(RepositoryState.updated_at.desc())
+                .order_by(RepositoryState.updated_at.desc(), RepositoryState.repository)
                 .limit(limit)
             )
             return list(rows)

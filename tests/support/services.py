@@ -165,15 +165,23 @@ class PrefectServer(BackgroundProcess):
     """A real `prefect server start` with its own PREFECT_HOME (SQLite there unless a database URL is given)."""
 
     def __init__(
-        self, home: Path, port: int | None = None, database_url: str | None = None, *, access_log: bool = False
+        self,
+        home: Path,
+        port: int | None = None,
+        database_url: str | None = None,
+        *,
+        access_log: bool = False,
+        ui: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.home = home
         env = clean_environment(
-            PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false"
+            PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED=str(ui).lower()
         )
         if database_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+        if ui:  # the UI's scripts ask the API at this address (else at the default port, 4200)
+            env["PREFECT_UI_API_URL"] = self.api_url
         if access_log:  # uvicorn's access log, one line per API request (benchmarks count them)
             env["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
@@ -183,12 +191,18 @@ class PrefectServer(BackgroundProcess):
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
+    @property
+    def ui_url(self) -> str:
+        """The Prefect UI's root, served when the server was started with `ui=True`."""
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         super().start()
         try:
-            wait_until(answers(f"{self.api_url}/health"), deadline=120, what="the Prefect server", interval=0.5)
+            wait_until(answers(f"{self.api_url}/health"), deadline=180, what="the Prefect server", interval=0.5)
         except AssertionError:
+            self.stop()  # `with` never reaches __exit__ when __enter__ fails: it would outlive the test
             raise AssertionError(f"prefect server did not start:\n{self.log_tail()}") from None
         return self
 
