@@ -96,7 +96,8 @@ def tag_name(number: int) -> str:
 
 @dataclass
 class Layout:
-    """What a registry root holds, as written: repository -> tag -> digest, and what it cost."""
+    """What a registry root holds: repository -> tag -> digest, the indexes first written among them,
+    and what writing it cost."""
 
     root: Path
     tags: Listing = field(default_factory=dict)
@@ -130,10 +131,13 @@ class LayoutWriter:
         self._v2 = root / "docker" / "registry" / "v2"
         self._written: set[str] = set()  # blob digests whose data is already on disk
         self._directories: set[str] = set()  # directories this writer made
+        self._linked: set[tuple[str, str]] = set()  # (repository, blob digest) this writer linked
 
     def put_blob(self, repository: str, blob: Blob) -> None:
         self._write_blob_data(blob)
-        self._link(self._repository(repository) / "_layers" / "sha256" / _hex(blob.digest) / "link", blob.digest)
+        if (repository, blob.digest) not in self._linked:  # shared layers come again with every tag
+            self._link(self._repository(repository) / "_layers" / "sha256" / _hex(blob.digest) / "link", blob.digest)
+            self._linked.add((repository, blob.digest))
 
     def put_image(self, repository: str, image: Image, tag: str | None = None) -> None:
         """Blobs, children, the manifest as a revision, then the tag: the order of a push."""
@@ -150,7 +154,6 @@ class LayoutWriter:
             self._link(tag_directory / "index" / "sha256" / _hex(manifest.digest) / "link", manifest.digest)
             self._link(tag_directory / "current" / "link", manifest.digest)
             self.layout.tags.setdefault(repository, {})[tag] = manifest.digest
-            self.layout.indexes += bool(image.children)
 
     def delete_tag(self, repository: str, tag: str) -> None:
         """What distribution's tag deletion does: the tag goes, its manifests and blobs stay."""
@@ -289,7 +292,9 @@ def write_primary(root: Path, shape: Shape) -> Layout:
         wide = number < shape.wide_repositories
         name = repository_name(number, wide)
         for tag in range(shape.wide_tags if wide else shape.tags):
-            writer.put_image(name, factory.tagged(shape, number, tag), tag_name(tag))
+            image = factory.tagged(shape, number, tag)
+            writer.put_image(name, image, tag_name(tag))
+            writer.layout.indexes += bool(image.children)
     return writer.layout
 
 
