@@ -80,7 +80,15 @@ class Timed:
     status: int = 0
 
 
-def run_timed(command: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path, check: bool = True) -> Timed:
+def run_timed(
+    command: Sequence[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    check: bool = True,
+    timeout_s: float = COMMAND_TIMEOUT_S,
+) -> Timed:
     """Run `command` under `/usr/bin/time -f "%M %e"` in its own session, output to `log_path`; with
     `check`, a non-zero exit status is an error, else it is returned."""
     time_path = log_path.with_suffix(".time")
@@ -88,9 +96,9 @@ def run_timed(command: Sequence[str], *, env: dict[str, str], cwd: Path, log_pat
     job = BackgroundProcess(timed, log_path, env, cwd).start()
     assert job.process is not None
     try:
-        status = job.process.wait(timeout=COMMAND_TIMEOUT_S)
+        status = job.process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise BenchmarkError(f"{command[0]} still running after {COMMAND_TIMEOUT_S:.0f} s: stopped") from None
+        raise BenchmarkError(f"{command[0]} still running after {timeout_s:.0f} s: stopped") from None
     finally:
         if job.process.poll() is None:  # timed out or interrupted: stop it and whatever it started
             os.killpg(job.process.pid, signal.SIGKILL)

@@ -62,6 +62,7 @@ ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<st
 # The registries' own log at warnings only: the access log stays, the per-request info lines go.
 QUIET_REGISTRY = {"log": {"level": "warn"}}
 RUNS_SETTLED_S = 30.0
+PHASE_TIMEOUT_S = 6 * 3600.0  # a cold backfill of 100,000 tags on a busy machine
 
 
 class RequestLog:
@@ -174,7 +175,14 @@ class Scale:
             log.mark()
         flows_before, tasks_before = run_counts(self.api_url)
         command = georeg_command(self.config, *georeg_arguments)
-        timed = run_timed(command, env=self.env, cwd=self.workdir, log_path=self.logs / f"{name}.log", check=False)
+        timed = run_timed(
+            command,
+            env=self.env,
+            cwd=self.workdir,
+            log_path=self.logs / f"{name}.log",
+            check=False,
+            timeout_s=PHASE_TIMEOUT_S,
+        )
         requests = {side: log.since_mark() for side, log in self.requests.items()}
         flows_after, tasks_after = run_counts(self.api_url)
         if requests["primary"]["total"] == 0:
