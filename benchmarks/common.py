@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import yaml
 
-from benchmarks.replicate import BIN, MB, SKOPEO
+# One error for every benchmark sharing this module: run_timed (replicate.py) raises it too.
+from benchmarks.replicate import BIN, MB, SKOPEO, BenchmarkError
 from tests.support.images import Pusher
 from tests.support.postgres import PostgresServer
 from tests.support.proxy import FaultProxy
@@ -35,10 +36,6 @@ COMMAND_TIMEOUT_S = 1800.0
 # Prefect's flow engine logs "Beginning flow run 'witty-cat' for flow 'backfill'" when a run starts.
 FLOW_RUN_STARTED = re.compile(r"Beginning flow run '(?P<name>[^']+)' for flow '(?P<flow>[^']+)'")
 RepositoryListing = dict[str, dict[str, str]]  # repository -> tag -> manifest digest
-
-
-class BenchmarkError(RuntimeError):
-    """A tool that failed, a copy that did not happen, or an output that could not be read."""
 
 
 # --- processes -----------------------------------------------------------------------------------

@@ -77,27 +77,37 @@ class Timed:
     wall_s: float
     peak_rss_mb: float
     output: str
+    status: int = 0
 
 
-def run_timed(command: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path) -> Timed:
-    """Run `command` under `/usr/bin/time -f "%M %e"` in its own session, output to `log_path`."""
+def run_timed(
+    command: Sequence[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    check: bool = True,
+    timeout_s: float = COMMAND_TIMEOUT_S,
+) -> Timed:
+    """Run `command` under `/usr/bin/time -f "%M %e"` in its own session, output to `log_path`; with
+    `check`, a non-zero exit status is an error, else it is returned."""
     time_path = log_path.with_suffix(".time")
     timed = [str(GNU_TIME), "-f", "%M %e", "-o", str(time_path), *command]
     job = BackgroundProcess(timed, log_path, env, cwd).start()
     assert job.process is not None
     try:
-        status = job.process.wait(timeout=COMMAND_TIMEOUT_S)
+        status = job.process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise BenchmarkError(f"{command[0]} still running after {COMMAND_TIMEOUT_S:.0f} s: stopped") from None
+        raise BenchmarkError(f"{command[0]} still running after {timeout_s:.0f} s: stopped") from None
     finally:
         if job.process.poll() is None:  # timed out or interrupted: stop it and whatever it started
             os.killpg(job.process.pid, signal.SIGKILL)
             job.process.wait()
-    if status != 0:
+    if status != 0 and check:
         raise BenchmarkError(f"{' '.join(command)} exited with {status}:\n{job.log_tail(25)}")
     # GNU time writes "Command exited with ..." first when the command fails; the figures are last.
     peak_kb, wall_s = time_path.read_text().splitlines()[-1].split()
-    return Timed(float(wall_s), int(peak_kb) * 1024 / MB, log_path.read_text(errors="replace"))
+    return Timed(float(wall_s), int(peak_kb) * 1024 / MB, log_path.read_text(errors="replace"), status)
 
 
 def flow_seconds(output: str) -> tuple[float, int | None]:
