@@ -18,7 +18,7 @@ For each: wall time, milliseconds per tag, peak RSS of the georeg process, reque
 answered (their access logs), Prefect flow and task runs created, the state database's size, failed
 repositories (`georeg status --json`) and tags that differ between the two storages afterwards.
 Then, for reference, `skopeo sync` copies a sample of the same tags into another empty registry.
-A table goes to stdout, every figure to benchmarks/results/scale.json. The full size of the issue is
+A table goes to stdout, every figure to benchmarks/results/scale.json. The full size to measure is
 `--repos 10000 --tags 10`.
 """
 
