@@ -24,6 +24,7 @@ from georeg.concurrency import bounded
 from georeg.config import GeoregConfig, load_config
 from georeg.errors import GeoregError, ReplicationError
 from georeg.flows.common import for_each_secondary, open_state, run_holder, run_name
+from georeg.prefect_events import emit_backfill
 from georeg.progress import Progress, artifact_key
 from georeg.registry import RegistryClient
 from georeg.repository_sync import RepositorySync, RepositorySyncFailed, summarise
@@ -120,6 +121,7 @@ async def _backfill_secondary(
     finally:
         if run_id is not None:
             await store.runs.finished(run_id, outcome, summary if outcome != "crashed" else {})
+            emit_backfill(target.name, summary if outcome != "crashed" else {}, failed=outcome != "completed")
         await store.leases.release(lease, holder)
     if not dry_run:  # the backfill's end is a quiet moment to forget old events and runs
         await store.retention.prune(config.state.retention_days)

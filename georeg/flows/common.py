@@ -7,12 +7,14 @@ import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from georeg.config import GeoregConfig, SecondaryConfig
 from georeg.errors import GeoregError, ReplicationError
+from georeg.events import REPLICATE
 from georeg.limits import apply_limits
+from georeg.prefect_events import emit_replication
 from georeg.references import ImageReference
 from georeg.registry import RegistryClient, primary_client, secondary_client
 
@@ -73,9 +75,11 @@ async def open_state(config: GeoregConfig) -> AsyncIterator[StateStore]:
 
 @dataclass
 class Outcome:
-    """What a step tells the record of its outcome: the manifests it put besides its own."""
+    """What a step tells the record of its outcome: the manifests it put besides its own, and the figures
+    (digest, bytes) that Prefect's event feed reports."""
 
     covers: tuple[str, ...] = ()
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 class EventOutcomes:
@@ -94,19 +98,23 @@ class EventOutcomes:
 
     @contextlib.asynccontextmanager
     async def recording(
-        self, secondary: str, image: ImageReference, claim: Claim | None = None
+        self, secondary: str, image: ImageReference, claim: Claim | None = None, *, action: str = REPLICATE
     ) -> AsyncIterator[Outcome]:
         """Record how the block, the work for `image` on `secondary`, ended; a failure is raised on.
 
         With `claim` (a batch run's item), the journal's work row is settled here too, as the
         dispatcher settles a run of its own. What the block puts in `covers` (an index's children) is
-        no longer owed on its own."""
+        no longer owed on its own. Either way, Prefect's event feed hears of it."""
         outcome = Outcome()
+        if claim is not None:
+            action = claim.action
         try:
             yield outcome
         except GeoregError as error:
+            emit_replication(secondary, image.repository, image.reference, action, error=str(error))
             await self._failed(secondary, image, error, claim)
             raise
+        emit_replication(secondary, image.repository, image.reference, action, **outcome.figures)
         await self._succeeded(secondary, image, outcome.covers, claim)
 
     async def _succeeded(
