@@ -274,3 +274,13 @@ class PrefectWorker(BackgroundProcess):
     def running_flow_runs(self) -> set[str]:
         """The ids of the flow runs this worker's processes run right now."""
         return {env["PREFECT__FLOW_RUN_ID"] for env in self.descendant_environments() if "PREFECT__FLOW_RUN_ID" in env}
+
+
+def prefect_events(api_url: str, resource_id: str, names: list[str] | None = None) -> list[dict[str, object]]:
+    """The events a real Prefect server holds about `resource_id` (newest first), optionally only these names."""
+    event_filter: dict[str, object] = {"resource": {"id": [resource_id]}}
+    if names:
+        event_filter["event"] = {"name": names}
+    response = httpx.post(f"{api_url}/events/filter", json={"filter": event_filter, "limit": 50}, timeout=10)
+    response.raise_for_status()
+    return list(response.json()["events"])
