@@ -265,7 +265,7 @@ class AutomationsConfig(_Strict):
     )
     backfill_interval_seconds: float = Field(
         default=6 * 3600,
-        ge=60,
+        ge=10,
         le=30 * 86400,
         description="the backfill deployment's schedule; no completed backfill of a secondary in twice this alerts",
     )

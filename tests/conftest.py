@@ -174,6 +174,7 @@ _FULL_SUITE_FIXTURES = frozenset(
         "warm_site",
         "warm_engine",
         "prefect_on_postgres",
+        "automation_site",
     }
 )
 _FULL_SUITE_PARAMETERS = frozenset({"postgresql", "s3", "gcs", "azure", "swift", "oss"})
