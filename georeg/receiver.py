@@ -82,6 +82,8 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
     metrics = ReceiverMetrics()
     dispatcher = Dispatcher.for_config(config, store, metrics)
     feed = RegistryEventFeed()
+    # events mode: Prefect's trigger on the emitted event starts the run; the journal's work waits this long.
+    fallback_delay = config.dispatch.events_fallback_seconds if config.dispatch.mode == "events" else 0.0
 
     def refuse(status: int, reason: str, message: str) -> JSONResponse:
         metrics.rejected.labels(reason).inc()
@@ -110,7 +112,10 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         try:
             new = (
                 await store.journal.record_events(
-                    classified.accepted, secondaries, digest_delay=config.dispatch.digest_push_delay_seconds
+                    classified.accepted,
+                    secondaries,
+                    digest_delay=config.dispatch.digest_push_delay_seconds,
+                    dispatch_delay=fallback_delay,
                 )
                 if classified.accepted
                 else 0

@@ -95,6 +95,13 @@ class EventOutcomes:
         self.config = config
         self._store: StateStore | None = None
         self._opening = asyncio.Lock()
+        self._covers_through: int | None = None  # events mode: the journal's newest id when the run started
+
+    async def start(self) -> None:
+        """In events mode, a run Prefect's trigger started settles the journal's work itself: note, before
+        anything is read from the primary, which events it covers."""
+        if self.config.dispatch.mode == "events":
+            self._covers_through = await (await self._open()).journal.last_sequence()
 
     @contextlib.asynccontextmanager
     async def recording(
@@ -125,6 +132,8 @@ class EventOutcomes:
         await store.journal.covered(secondary, image.repository, covers)
         if claim is not None:
             await store.journal.succeeded(claim)
+        elif self._covers_through is not None:
+            await store.journal.settle_through(secondary, image.repository, image.reference, self._covers_through)
 
     async def _failed(self, secondary: str, image: ImageReference, error: GeoregError, claim: Claim | None) -> None:
         store = await self._open()
@@ -168,6 +177,7 @@ async def event_outcomes(config: GeoregConfig) -> AsyncIterator[EventOutcomes]:
     """Where `replicate-image` and `delete-image` record what happened, for the length of a flow run."""
     outcomes = EventOutcomes(config)
     try:
+        await outcomes.start()
         yield outcomes
     finally:
         await outcomes.close()
