@@ -187,8 +187,10 @@ class PrefectServer(BackgroundProcess):
         self.home.mkdir(parents=True, exist_ok=True)
         super().start()
         try:
-            wait_until(answers(f"{self.api_url}/health"), deadline=120, what="the Prefect server", interval=0.5)
+            # About 15 s on a quiet machine; on a 2-core machine shared with other test runs, minutes.
+            wait_until(answers(f"{self.api_url}/health"), deadline=300, what="the Prefect server", interval=0.5)
         except AssertionError:
+            self.kill_with_descendants()  # a `with` block that failed to enter never reaches __exit__
             raise AssertionError(f"prefect server did not start:\n{self.log_tail()}") from None
         return self
 
@@ -205,6 +207,21 @@ def prefect_cli(environment: dict[str, str], *arguments: str) -> str:
     )
     if done.returncode != 0:
         raise AssertionError(f"prefect {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def georeg_cli(environment: dict[str, str], *arguments: str) -> str:
+    """`georeg ARGUMENTS` as an operator runs it (the config from $GEOREG_CONFIG); fails loudly."""
+    done = subprocess.run(
+        [sys.executable, "-m", "georeg.cli", *arguments],
+        cwd=REPOSITORY_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"georeg {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout
 
 
