@@ -34,6 +34,7 @@ from tests.support.services import (
     PrefectServer,
     clean_environment,
     deploy_georeg,
+    georeg_cli,
     prefect_events,
     wait_until,
 )
@@ -167,9 +168,7 @@ def automation_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Automa
             f"B(name='georeg', url='{sink.url}/alerts', json_data={{'subject': '{{{{subject}}}}', "
             "'body': '{{body}}'}).save('georeg-alerts')",
         )
-        applied = run_python(
-            environment, "from georeg.cli import main; raise SystemExit(main(['automations', 'apply']))"
-        )
+        applied = georeg_cli(environment, "automations", "apply")
         assert "applied: georeg: replication failing" in applied and "applied: georeg: backfill overdue" in applied
         receiver = stack.enter_context(GeoregServe(config, root / "serve.log", environment, port=receiver_port))
         yield AutomationSite(primary, secondary, server, receiver, sink, environment)
