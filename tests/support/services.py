@@ -197,23 +197,17 @@ class PrefectServer(BackgroundProcess):
 
 def prefect_cli(environment: dict[str, str], *arguments: str) -> str:
     """`prefect --no-prompt ARGUMENTS` from the repository root (where prefect.yaml is); fails loudly."""
-    done = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", *arguments],
-        cwd=REPOSITORY_ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        raise AssertionError(f"prefect {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}")
-    return done.stdout
+    return _run_module(environment, "prefect", "--no-prompt", *arguments)
 
 
 def georeg_cli(environment: dict[str, str], *arguments: str) -> str:
     """`georeg ARGUMENTS` as an operator runs it (the config from $GEOREG_CONFIG); fails loudly."""
+    return _run_module(environment, "georeg.cli", *arguments)
+
+
+def _run_module(environment: dict[str, str], module: str, *arguments: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "georeg.cli", *arguments],
+        [sys.executable, "-m", module, *arguments],
         cwd=REPOSITORY_ROOT,
         env=environment,
         capture_output=True,
@@ -221,7 +215,7 @@ def georeg_cli(environment: dict[str, str], *arguments: str) -> str:
         timeout=300,
     )
     if done.returncode != 0:
-        raise AssertionError(f"georeg {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}")
+        raise AssertionError(f"{module} {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout
 
 
