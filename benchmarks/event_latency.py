@@ -1,11 +1,14 @@
 """Event latency benchmark: from a push to the primary to the image on the secondary, through `georeg serve`.
 
-    python -m benchmarks.event_latency [--images 50] [--modes inline,deployment]
+    python -m benchmarks.event_latency [--images 50] [--modes inline,deployment,events]
 
 For each dispatch mode, a whole site is started on 127.0.0.1: a primary registry whose
 notifications (the endpoint of deployments/registry-primary.yml) go to `georeg serve`, a secondary,
-and a Prefect server that records the runs. In `deployment` mode the `georeg` process work pool is
-created, `prefect deploy --all` run from the repository root, and one `prefect worker` started.
+and a Prefect server that records the runs. In `deployment` and `events` mode the `georeg` process
+work pool is created, `prefect deploy --all` run from the repository root, and one `prefect worker`
+started; in `events` mode `georeg automations apply` also creates the trigger that turns the
+receiver's `georeg.registry.manifest.pushed` event into a `replicate-image` run (the journal's
+fallback is set beyond the benchmark, so every run measured is one the trigger started).
 
 Then --images small images are pushed one after another under distinct tags. Each latency runs from
 the moment the manifest PUT returns to the moment the secondary answers HEAD for that tag with the
@@ -49,10 +52,12 @@ from tests.support.services import (
     WarmEngine,
     clean_environment,
     deploy_georeg,
+    georeg_cli,
     wait_until,
 )
 
-MODES = ("inline", "deployment")
+MODES = ("inline", "deployment", "events")
+WORKER_MODES = ("deployment", "events")
 REPOSITORY = "bench/latency"
 POLL_S = 0.02
 TIMEOUT_S = 120.0
@@ -177,6 +182,8 @@ def running_site(
         primary = stack.enter_context(RegistryProcess(root / "primary", notifications=[endpoint]))
         secondary = stack.enter_context(RegistryProcess(root / "secondary"))
         server = start_prefect_server(stack, root / "prefect-server", prefect_database, access_log=access_log)
+        if mode == "events":  # the trigger starts every run; the dispatcher's fallback must not
+            dispatch = {"events_fallback_seconds": 3600, **(dispatch or {})}
         config = write_georeg_config(root, primary.url, secondary.url, mode, dispatch)
         env = clean_environment(
             PREFECT_API_URL=server.api_url,
@@ -185,7 +192,9 @@ def running_site(
             GEOREG_CONFIG=str(config),
             PWD=str(REPOSITORY_ROOT),
         )
-        worker = start_workers(stack, root, env, server.api_url, warm, workers) if mode == "deployment" else None
+        worker = start_workers(stack, root, env, server.api_url, warm, workers) if mode in WORKER_MODES else None
+        if mode == "events":
+            georeg_cli(env, "automations", "apply")
         receiver = stack.enter_context(GeoregServe(config, root / "serve.log", env, port=receiver_port))
         yield Site(primary, secondary, receiver, worker, server.api_url, root / "georeg.db", server.log_path)
 
@@ -231,7 +240,9 @@ def measure_mode(mode: str, images: int, root: Path, prefect_database: str, warm
             if index % 10 == 0 or index == images:
                 print(f"  {mode}: {index}/{images}, last {pushes[-1].latency_s:.3f} s", flush=True)
         load_1m = os.getloadavg()[0]
-        flow_runs, failed = finished_flow_runs(site, images), site.failed_runs()
+        # In events mode the receiver starts no runs (Prefect's trigger does): nothing to wait for.
+        flow_runs = finished_flow_runs(site, images) if mode != "events" else site.flow_runs()
+        failed = site.failed_runs()
         stages = stage_breakdown(site, pushes)
     samples = [push.latency_s for push in pushes]
     samples_s = [round(sample, 4) for sample in samples]
@@ -329,7 +340,7 @@ def settings(modes: list[str]) -> dict[str, Any]:
         "dispatch": {"poll_seconds": dispatch.poll_seconds, "concurrency": dispatch.concurrency},
         "notification_endpoint": {k: v for k, v in notification_endpoint("").items() if k in ("timeout", "backoff")},
     }
-    if "deployment" in modes:
+    if set(modes) & set(WORKER_MODES):
         used["worker"] = {"command": " ".join(WORKER_COMMAND[2:]), "pool_type": "process", "env": WORKER_SETTINGS}
     return used
 
@@ -398,7 +409,7 @@ def format_table(results: dict[str, Any]) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.event_latency", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=50, help="images pushed per mode (default 50)")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated dispatch modes (default: both)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated dispatch modes (default: all three)")
     add_prefect_database_argument(parser)
     parser.add_argument(
         "--warm-engine",

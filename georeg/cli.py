@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the status as a JSON document")
 
     command("limits", _limits, "create or update the per-registry limits in Prefect (at deploy time)")
+    automations = command("automations", _automations, "create or replace georeg's automations in Prefect")
+    automations.add_argument("action", choices=["apply"])
 
     serve = command("serve", _serve, "receive the primary's notifications and start replication within seconds")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -224,6 +226,14 @@ def _limits(arguments: argparse.Namespace) -> int:
         print(f"{name}: {value:g}")
     if not applied:
         print("no limits configured (max_concurrent_copies / requests_per_second per registry)")
+    return 0
+
+
+def _automations(arguments: argparse.Namespace) -> int:
+    from georeg.automations import apply_automations
+
+    for name in asyncio.run(apply_automations(load_config())):
+        print(f"applied: {name}")
     return 0
 
 

@@ -127,8 +127,10 @@ class NotificationsConfig(_Strict):
 class DispatchConfig(_Strict):
     """How the receiver turns journaled events into flow runs."""
 
-    mode: Literal["inline", "deployment"] = Field(
-        default="inline", description="inline: run flows in the receiver's process; deployment: through Prefect"
+    mode: Literal["inline", "deployment", "events"] = Field(
+        default="inline",
+        description="inline: run flows in the receiver's process; deployment: through Prefect; events: Prefect's "
+        "own trigger on the receiver's events starts the runs (see `georeg automations apply`)",
     )
     concurrency: int = Field(default=4, ge=1, le=256, description="flow runs in flight at once")
     poll_seconds: float = Field(default=1.0, gt=0, le=60, description="how often due work and runs are checked")
@@ -154,6 +156,12 @@ class DispatchConfig(_Strict):
         le=3600,
         description="on SIGTERM/SIGINT, how long inline runs in flight may take to finish; "
         "what has not finished then goes back to the journal as pending",
+    )
+    events_fallback_seconds: float = Field(
+        default=60.0,
+        ge=1,
+        le=86400,
+        description="events mode: work no triggered run has settled by then is dispatched as in deployment mode",
     )
     replicate_deployment: str = "replicate-image/replicate-image"
     batch_deployment: str = "replicate-images/replicate-images"
@@ -276,6 +284,26 @@ class BackfillConfig(_Strict):
     )
 
 
+class AutomationsConfig(_Strict):
+    """The Prefect automations `georeg automations apply` creates (see georeg.automations)."""
+
+    failures_per_hour: int = Field(
+        default=3, ge=1, le=10_000, description="failed replications of a repository within an hour that start a verify"
+    )
+    backfill_interval_seconds: float = Field(
+        default=6 * 3600,
+        ge=10,
+        le=30 * 86400,
+        description="the backfill deployment's schedule; no completed backfill of a secondary in twice this alerts",
+    )
+    notify_block: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9-]+/[A-Za-z0-9_-]+$",
+        description="a Prefect notification block, as <block-type-slug>/<name> (e.g. custom-webhook/georeg-alerts)",
+    )
+    verify_deployment: str = "verify/verify"
+
+
 class GeoregConfig(_Strict):
     primary: RegistryConfig
     secondaries: list[SecondaryConfig] = Field(min_length=1)
@@ -284,6 +312,7 @@ class GeoregConfig(_Strict):
     replication: ReplicationConfig = ReplicationConfig()
     dispatch: DispatchConfig = DispatchConfig()
     backfill: BackfillConfig = BackfillConfig()
+    automations: AutomationsConfig = AutomationsConfig()
 
     @field_validator("dispatch", mode="before")
     @classmethod

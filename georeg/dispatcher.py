@@ -10,6 +10,10 @@ exponential backoff and jitter. Two ways to run:
   the Prefect API, as `run_deployment(..., timeout=0)` does, with an idempotency key derived from the
   work row so a retry never starts a second run, and watched until it ends. While the API is
   unreachable the work waits in the journal.
+- `events`: the receiver's Prefect event starts the run (an automation, `georeg automations apply`),
+  and that run settles the journal's work itself. The work becomes due here only after
+  `events_fallback_seconds`: what no triggered run has settled by then (no trigger, a failed run, a
+  push by digest alone) is dispatched as in `deployment` mode.
 """
 
 from __future__ import annotations
@@ -194,6 +198,7 @@ class Dispatcher:
 
     @classmethod
     def for_config(cls, config: GeoregConfig, store: StateStore, observer: Any = None) -> Dispatcher:
+        # events mode falls back to deployment runs for the work no triggered run settled
         runs: FlowRuns = InlineFlowRuns() if config.dispatch.mode == "inline" else DeploymentFlowRuns(config.dispatch)
         return cls(config, store, runs, observer)
 

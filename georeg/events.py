@@ -32,6 +32,10 @@ class AcceptedEvent:
     action: str  # REPLICATE or DELETE
     repository: str
     reference: str
+    # As the registry sent them, for Prefect's event feed (georeg.prefect_events); the journal keeps only the above.
+    tag: str | None = None
+    digest: str | None = None
+    media_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,16 @@ def _accept(item: Any) -> AcceptedEvent | None:
         reference = validate_digest(_text(target, "digest"))
     else:
         raise InvalidEvents(f"a {action} event needs target.tag or target.digest")
-    return AcceptedEvent(event_id=event_id, action=kind, repository=repository, reference=reference)
+    digest = target.get("digest")
+    return AcceptedEvent(
+        event_id=event_id,
+        action=kind,
+        repository=repository,
+        reference=reference,
+        tag=tag if isinstance(tag, str) else None,
+        digest=digest if isinstance(digest, str) else None,
+        media_type=media_type if isinstance(media_type, str) else None,
+    )
 
 
 def _text(target: dict[str, Any], key: str) -> str:

@@ -33,6 +33,7 @@ from georeg.dispatcher import Dispatcher
 from georeg.errors import ConfigError
 from georeg.events import EVENTS_MEDIA_TYPE, InvalidEvents, classify
 from georeg.lifecycle import run_unblocked
+from georeg.prefect_events import RegistryEventFeed
 from georeg.state import Claim, StateStore
 from georeg.status import collect_status
 
@@ -80,6 +81,9 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
     limit = config.notifications.max_body_bytes
     metrics = ReceiverMetrics()
     dispatcher = Dispatcher.for_config(config, store, metrics)
+    feed = RegistryEventFeed()
+    # events mode: Prefect's trigger on the emitted event starts the run; the journal's work waits this long.
+    fallback_delay = config.dispatch.events_fallback_seconds if config.dispatch.mode == "events" else 0.0
 
     def refuse(status: int, reason: str, message: str) -> JSONResponse:
         metrics.rejected.labels(reason).inc()
@@ -108,7 +112,10 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         try:
             new = (
                 await store.journal.record_events(
-                    classified.accepted, secondaries, digest_delay=config.dispatch.digest_push_delay_seconds
+                    classified.accepted,
+                    secondaries,
+                    digest_delay=config.dispatch.digest_push_delay_seconds,
+                    dispatch_delay=fallback_delay,
                 )
                 if classified.accepted
                 else 0
@@ -122,6 +129,8 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         metrics.ignored.inc(classified.ignored)
         if new:
             dispatcher.wake()
+            # After the journal, never instead of it; only queued here, so the answer does not wait for Prefect.
+            feed.submit(classified.accepted)
         return JSONResponse({"accepted": len(classified.accepted), "new": new, "ignored": classified.ignored})
 
     async def healthz(request: Request) -> Response:
@@ -147,6 +156,8 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
         await store.ensure_schema(migrate=config.state.migrate_on_start)
         if dispatch and config.dispatch.mode == "inline":
             await _start_prefect_api()
+        if dispatch:
+            feed.start()
         loop_task = asyncio.create_task(dispatcher.run_forever(), name="georeg-dispatcher") if dispatch else None
         retention_days = config.state.retention_days
         pruning = asyncio.create_task(store.retention.prune_forever(retention_days), name="georeg-retention")
@@ -162,12 +173,14 @@ def create_app(config: GeoregConfig, store: StateStore, *, dispatch: bool = True
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
             await dispatcher.shutdown(config.dispatch.shutdown_grace_seconds)
+            await feed.stop()
 
     routes = [Route(path, receive_events, methods=["POST"]) for path in EVENTS_PATHS]
     routes += [Route("/healthz", healthz), Route("/metrics", metrics_endpoint), Route("/status", status)]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.dispatcher = dispatcher
     app.state.metrics = metrics
+    app.state.feed = feed
     return app
 
 

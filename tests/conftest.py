@@ -175,6 +175,7 @@ _FULL_SUITE_FIXTURES = frozenset(
         "warm_engine",
         "prefect_on_postgres",
         "prefect_ui_server",
+        "automation_site",
     }
 )
 _FULL_SUITE_PARAMETERS = frozenset({"postgresql", "s3", "gcs", "azure", "swift", "oss"})

@@ -24,6 +24,7 @@ from tests.support.services import (
     WarmEngine,
     clean_environment,
     deploy_georeg,
+    georeg_cli,
     prefect_cli,
     wait_until,
 )
@@ -99,8 +100,11 @@ class DeployedSite:
 
 
 @contextlib.contextmanager
-def deployed_site(root: Path, *, warm: bool = False, **dispatch: Any) -> Iterator[DeployedSite]:
-    """Registries, a Prefect server with georeg deployed, a worker (with a warm engine if `warm`), `georeg serve`."""
+def deployed_site(
+    root: Path, *, warm: bool = False, mode: str = "deployment", **dispatch: Any
+) -> Iterator[DeployedSite]:
+    """Registries, a Prefect server with georeg deployed, a worker (with a warm engine if `warm`), `georeg serve`;
+    in events mode, with georeg's automations applied (the trigger that starts the runs)."""
     receiver_port = free_port()
     notifications = deployments_notifications(f"http://127.0.0.1:{receiver_port}", SECRET)
     with (
@@ -109,13 +113,15 @@ def deployed_site(root: Path, *, warm: bool = False, **dispatch: Any) -> Iterato
         PrefectServer(root / "prefect-home") as server,
         contextlib.ExitStack() as stack,
     ):
-        config = write_georeg_config(root / "georeg.yaml", primary.url, secondary.url, mode="deployment", **dispatch)
+        config = write_georeg_config(root / "georeg.yaml", primary.url, secondary.url, mode=mode, **dispatch)
         environment = clean_environment(
             PREFECT_API_URL=server.api_url,
             PREFECT_HOME=str(root / "prefect-home"),
             GEOREG_CONFIG=str(config),
         )
         deploy_georeg(environment)
+        if mode == "events":
+            georeg_cli(environment, "automations", "apply")
         engine = stack.enter_context(WarmEngine(root, environment)) if warm else None
         worker = stack.enter_context(PrefectWorker(root / "worker.log", environment, warm_engine=engine))
         receiver = stack.enter_context(GeoregServe(config, root / "serve.log", environment, port=receiver_port))
@@ -290,3 +296,34 @@ def test_the_worker_starts_the_engine_directly(site: DeployedSite):
     assert variables["replicate-image"]["env"]["PREFECT__FLOW_ENTRYPOINT"] == "georeg.flows.replicate:replicate_image"
     assert variables["delete-image"]["env"]["PREFECT__FLOW_ENTRYPOINT"] == "georeg.flows.delete:delete_image"
     assert variables["replicate-images"]["env"]["PREFECT__FLOW_ENTRYPOINT"] == "georeg.flows.replicate:replicate_images"
+
+
+# --- dispatch.mode events: Prefect's own trigger on the receiver's event starts the run ---
+
+
+@pytest.fixture(scope="module")
+def events_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedSite]:
+    # A fallback far beyond the test: every run here is one the trigger started.
+    with deployed_site(tmp_path_factory.mktemp("events-site"), mode="events", events_fallback_seconds=600) as deployed:
+        yield deployed
+
+
+def metric(site: DeployedSite, name: str) -> float:
+    text = httpx.get(f"{site.receiver.url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_events_mode_a_trigger_starts_the_run_and_the_run_settles_the_journal(events_site: DeployedSite, repo_name):
+    site = events_site
+    image = build_image("oci")
+    with Pusher(site.primary.url) as pusher:
+        pusher.push_image(repo_name, image, "v1")
+
+    site.wait_replicated(repo_name, "v1", image.digest, deadline=90)
+    wait_until(lambda: metric(site, "georeg_journal_depth") == 0, deadline=30, what="the triggered run to settle")
+    assert metric(site, "georeg_flow_runs_total") == 0  # the receiver's dispatcher started nothing
+    wait_until(
+        lambda: site.flow_runs(f"replicate {repo_name}:v1") == ["COMPLETED"],
+        deadline=30,
+        what="the triggered run recorded COMPLETED",
+    )

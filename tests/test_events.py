@@ -26,10 +26,10 @@ def test_manifest_pushes_and_deletes_are_kept():
         }
     )
     assert classified.accepted == [
-        AcceptedEvent("1", REPLICATE, "group/app", "1.0"),
-        AcceptedEvent("2", REPLICATE, "group/app", DIGEST),
-        AcceptedEvent("3", DELETE, "group/app", DIGEST),
-        AcceptedEvent("4", DELETE, "group/app", "1.0"),
+        AcceptedEvent("1", REPLICATE, "group/app", "1.0", tag="1.0", digest=DIGEST, media_type=DOCKER_MANIFEST),
+        AcceptedEvent("2", REPLICATE, "group/app", DIGEST, digest=DIGEST, media_type=OCI_INDEX),
+        AcceptedEvent("3", DELETE, "group/app", DIGEST, digest=DIGEST),
+        AcceptedEvent("4", DELETE, "group/app", "1.0", tag="1.0"),
     ]
     assert classified.ignored == 0
 

@@ -291,3 +291,21 @@ async def test_a_registry_pause_only_grows(store: StateStore):
     await store.pauses.pause("georeg-pause-registry-443", 3000.0)
     assert await store.pauses.paused_until("georeg-pause-registry-443") == 3000.0
     assert await store.pauses.paused_until("georeg-pause-other-443") == 0.0
+
+
+async def test_events_mode_a_triggered_run_settles_the_work_its_start_covers(store):
+    await store.journal.record_events([push("first")], ["east", "west"], dispatch_delay=60)
+    assert await store.journal.claim_due(10) == []  # the dispatcher waits: the trigger's run comes first
+    covered = await store.journal.last_sequence()  # the triggered run starts here
+    await store.journal.record_events([push("during")], ["west"], dispatch_delay=60)  # pushed while it runs
+
+    assert await store.journal.settle_through("east", "group/app", "1.0", covered) == 1
+    assert await store.journal.settle_through("west", "group/app", "1.0", covered) == 0  # newer than the run
+    assert [(row.secondary, row.sequence > covered) for row in await rows(store)] == [("west", True)]
+
+
+async def test_events_mode_leaves_a_row_the_dispatcher_is_running_to_that_run(store):
+    await store.journal.record_events([push("first")], ["east"])
+    [claim] = await store.journal.claim_due(1)  # the fallback dispatched it
+    assert await store.journal.settle_through("east", "group/app", "1.0", claim.sequence) == 0
+    assert await store.journal.succeeded(claim) is True

@@ -24,6 +24,7 @@ from georeg.config import GeoregConfig, load_config
 from georeg.dashboard import publish_dashboard
 from georeg.errors import ReplicationError
 from georeg.flows.common import for_each_secondary, open_state, run_holder, run_name
+from georeg.prefect_events import emit_backfill
 from georeg.progress import Progress, artifact_key
 from georeg.registry import RegistryClient
 from georeg.repository_groups import RepositoryGroup, in_groups
@@ -122,6 +123,7 @@ async def _backfill_secondary(
     finally:
         if run_id is not None:
             await store.runs.finished(run_id, outcome, summary if outcome != "crashed" else {})
+            emit_backfill(target.name, summary if outcome != "crashed" else {}, failed=outcome != "completed")
         await store.leases.release(lease, holder)
         if run_id is not None:
             await publish_dashboard(config, store, target.name)

@@ -7,12 +7,14 @@ import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from georeg.config import GeoregConfig, SecondaryConfig
 from georeg.errors import GeoregError, ReplicationError
+from georeg.events import REPLICATE
 from georeg.limits import apply_limits
+from georeg.prefect_events import emit_replication
 from georeg.references import ImageReference
 from georeg.registry import RegistryClient, primary_client, secondary_client
 
@@ -73,9 +75,11 @@ async def open_state(config: GeoregConfig) -> AsyncIterator[StateStore]:
 
 @dataclass
 class Outcome:
-    """What a step tells the record of its outcome: the manifests it put besides its own."""
+    """What a step tells the record of its outcome: the manifests it put besides its own, and the figures
+    (digest, bytes) that Prefect's event feed reports."""
 
     covers: tuple[str, ...] = ()
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 class EventOutcomes:
@@ -91,22 +95,33 @@ class EventOutcomes:
         self.config = config
         self._store: StateStore | None = None
         self._opening = asyncio.Lock()
+        self._covers_through: int | None = None  # events mode: the journal's newest id when the run started
+
+    async def start(self) -> None:
+        """In events mode, a run Prefect's trigger started settles the journal's work itself: note, before
+        anything is read from the primary, which events it covers."""
+        if self.config.dispatch.mode == "events":
+            self._covers_through = await (await self._open()).journal.last_sequence()
 
     @contextlib.asynccontextmanager
     async def recording(
-        self, secondary: str, image: ImageReference, claim: Claim | None = None
+        self, secondary: str, image: ImageReference, claim: Claim | None = None, *, action: str = REPLICATE
     ) -> AsyncIterator[Outcome]:
         """Record how the block, the work for `image` on `secondary`, ended; a failure is raised on.
 
         With `claim` (a batch run's item), the journal's work row is settled here too, as the
         dispatcher settles a run of its own. What the block puts in `covers` (an index's children) is
-        no longer owed on its own."""
+        no longer owed on its own. Either way, Prefect's event feed hears of it."""
         outcome = Outcome()
+        if claim is not None:
+            action = claim.action
         try:
             yield outcome
         except GeoregError as error:
+            emit_replication(secondary, image.repository, image.reference, action, error=str(error))
             await self._failed(secondary, image, error, claim)
             raise
+        emit_replication(secondary, image.repository, image.reference, action, **outcome.figures)
         await self._succeeded(secondary, image, outcome.covers, claim)
 
     async def _succeeded(
@@ -117,6 +132,8 @@ class EventOutcomes:
         await store.journal.covered(secondary, image.repository, covers)
         if claim is not None:
             await store.journal.succeeded(claim)
+        elif self._covers_through is not None:
+            await store.journal.settle_through(secondary, image.repository, image.reference, self._covers_through)
 
     async def _failed(self, secondary: str, image: ImageReference, error: GeoregError, claim: Claim | None) -> None:
         store = await self._open()
@@ -160,6 +177,7 @@ async def event_outcomes(config: GeoregConfig) -> AsyncIterator[EventOutcomes]:
     """Where `replicate-image` and `delete-image` record what happened, for the length of a flow run."""
     outcomes = EventOutcomes(config)
     try:
+        await outcomes.start()
         yield outcomes
     finally:
         await outcomes.close()

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from georeg.config import load_config
+from georeg.events import DELETE
 from georeg.flows.common import event_outcomes, for_each_secondary
 from georeg.references import ImageReference, validate_reference, validate_repository
 from georeg.registry import RegistryClient
@@ -26,8 +27,9 @@ async def delete_image(repository: str, reference: str, secondary: str | None = 
     converge_deletion = with_retry_settings(converge_deletion_task, config.replication)
 
     async def delete_from(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
-        async with outcomes.recording(target.name, image_reference):
+        async with outcomes.recording(target.name, image_reference, action=DELETE) as outcome:
             deletion = await converge_deletion(primary, target, image_reference)
+            outcome.figures = {"outcome": deletion.outcome.value, "digest": deletion.digest}
         return {
             "secondary": target.name,
             "image": str(image_reference),

@@ -12,6 +12,7 @@ from georeg.dashboard import publish_dashboard
 from georeg.errors import ReplicationError
 from georeg.flows.common import for_each_secondary, open_state, run_name
 from georeg.progress import Progress, artifact_key
+from georeg.references import validate_repository
 from georeg.registry import RegistryClient
 from georeg.repository_groups import RepositoryGroup, in_groups
 from georeg.state import StateStore
@@ -21,26 +22,41 @@ from georeg.verification import RepositoryVerification, group_results, report_ro
 
 
 @flow(name="verify", flow_run_name=run_name("verify"))
-async def verify(secondary: str | None = None, deep: bool = False) -> list[dict[str, Any]]:
+async def verify(
+    secondary: str | None = None, deep: bool = False, repositories: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Compare each repository's (tag, digest) checksum on both sides; with `deep`, also check that
     every blob the secondary's manifests reference is there with the right size. A mismatch sends
     the repository back to pending, so the next backfill resyncs it, and fails the run.
+
+    Args:
+        secondary: one secondary's name; all of them when omitted.
+        deep: check the blobs too.
+        repositories: only these (the automation on repeated replication failures names one); all when omitted.
     """
     config = load_config()
+    chosen = None if repositories is None else [validate_repository(name) for name in repositories]
     async with open_state(config) as store:
 
         async def verify_one(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
-            return await _verify_secondary(config, store, primary, target, deep)
+            return await _verify_secondary(config, store, primary, target, deep, chosen)
 
         return await for_each_secondary(config, secondary, verify_one, store=store)
 
 
 async def _verify_secondary(
-    config: GeoregConfig, store: StateStore, primary: RegistryClient, target: RegistryClient, deep: bool
+    config: GeoregConfig,
+    store: StateStore,
+    primary: RegistryClient,
+    target: RegistryClient,
+    deep: bool,
+    chosen: list[str] | None,
 ) -> dict[str, Any]:
     settings = config.replication
     run_id = await store.runs.started("verify", target.name)
-    repositories = await with_retry_settings(list_repositories_task, settings)(primary, target, settings)
+    repositories = chosen
+    if repositories is None:
+        repositories = await with_retry_settings(list_repositories_task, settings)(primary, target, settings)
     progress = Progress(artifact_key("verify", target.name), f"Verification of {target.name}", len(repositories))
     await progress.start()
     check_group = with_retry_settings(verify_repositories_task, settings)

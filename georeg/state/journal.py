@@ -86,12 +86,19 @@ class Journal:
         self._db = database
 
     async def record_events(
-        self, events: Sequence[AcceptedEvent], secondaries: Sequence[str], *, digest_delay: float = 0.0
+        self,
+        events: Sequence[AcceptedEvent],
+        secondaries: Sequence[str],
+        *,
+        digest_delay: float = 0.0,
+        dispatch_delay: float = 0.0,
     ) -> int:
         """Journal new events and owe their work to every secondary, in one transaction.
 
         A push by digest alone is owed `digest_delay` seconds later: it is most often a child of an index
-        whose own push follows at once, and the index's run covers it (`covered`).
+        whose own push follows at once, and the index's run covers it (`covered`). Every event's work is
+        owed no sooner than `dispatch_delay` (events mode: the run Prefect's trigger starts settles it
+        first, `settle_through`; the dispatcher only starts what is still owed then).
 
         Returns how many were new: a redelivered event id is recorded once.
         """
@@ -116,7 +123,8 @@ class Journal:
                 if journal_id is None:
                     continue
                 new += 1
-                due = now + digest_delay if accepted.action == REPLICATE and is_digest(accepted.reference) else now
+                by_digest = accepted.action == REPLICATE and is_digest(accepted.reference)
+                due = now + max(dispatch_delay, digest_delay if by_digest else 0.0)
                 for secondary in secondaries:
                     await session.execute(self._owe(secondary, accepted, journal_id, now, due))
         return new
@@ -231,6 +239,27 @@ class Journal:
                     WorkItem.reference.in_(list(digests)),
                     WorkItem.action == REPLICATE,
                     WorkItem.status == PENDING,
+                )
+            )
+            return int(removed.rowcount or 0)
+
+    async def last_sequence(self) -> int:
+        """The newest journal id: a run that starts now covers every event up to it."""
+        async with self._db.transaction() as session:
+            return int(await session.scalar(select(func.max(JournalEvent.id))) or 0)
+
+    async def settle_through(self, secondary: str, repository: str, reference: str, sequence: int) -> int:
+        """A run not started by the dispatcher (events mode: by Prefect's trigger) made this reference on
+        `secondary` equal to the primary, having started after journal id `sequence`: the work owed for
+        events up to it is done. A row a dispatcher is running is left to that run. Returns rows removed."""
+        async with self._db.transaction() as session:
+            removed = await session.execute(
+                delete(WorkItem).where(
+                    WorkItem.secondary == secondary,
+                    WorkItem.repository == repository,
+                    WorkItem.reference == reference,
+                    WorkItem.status != RUNNING,
+                    WorkItem.sequence <= sequence,
                 )
             )
             return int(removed.rowcount or 0)

@@ -193,6 +193,20 @@ async def test_verify_detects_a_tag_changed_behind_georegs_back(fresh_pair, writ
     assert repaired["mismatched"] == 0
 
 
+async def test_verify_of_named_repositories_checks_only_those(fresh_pair, write_config):
+    pair = fresh_pair
+    repositories = sorted(populate(pair, count=3))
+    write_config(pair.primary.url, pair.secondary.url)
+    await backfill()
+    with Pusher(pair.secondary.url) as secondary:  # a difference outside the repository asked for
+        secondary.push_image(repositories[1], build_image("docker"), "v1")
+
+    [checked] = await verify(repositories=[repositories[0]])
+    assert (checked["repositories"], checked["mismatched"]) == (1, 0)
+    with pytest.raises(ReplicationError, match=rf"1 of 1 repositories differ: {repositories[1]}"):
+        await verify(repositories=[repositories[1]])
+
+
 async def test_deep_verify_finds_a_missing_blob(fresh_pair, write_config):
     pair = fresh_pair
     image = build_image("oci", layer_sizes=[2048])

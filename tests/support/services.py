@@ -200,17 +200,27 @@ class PrefectServer(BackgroundProcess):
         self.home.mkdir(parents=True, exist_ok=True)
         super().start()
         try:
-            wait_until(answers(f"{self.api_url}/health"), deadline=180, what="the Prefect server", interval=0.5)
+            # About 15 s on a quiet machine; on a 2-core machine shared with other test runs, minutes.
+            wait_until(answers(f"{self.api_url}/health"), deadline=300, what="the Prefect server", interval=0.5)
         except AssertionError:
-            self.stop()  # `with` never reaches __exit__ when __enter__ fails: it would outlive the test
+            self.kill_with_descendants()  # a `with` block that failed to enter never reaches __exit__
             raise AssertionError(f"prefect server did not start:\n{self.log_tail()}") from None
         return self
 
 
 def prefect_cli(environment: dict[str, str], *arguments: str) -> str:
     """`prefect --no-prompt ARGUMENTS` from the repository root (where prefect.yaml is); fails loudly."""
+    return _run_module(environment, "prefect", "--no-prompt", *arguments)
+
+
+def georeg_cli(environment: dict[str, str], *arguments: str) -> str:
+    """`georeg ARGUMENTS` as an operator runs it (the config from $GEOREG_CONFIG); fails loudly."""
+    return _run_module(environment, "georeg.cli", *arguments)
+
+
+def _run_module(environment: dict[str, str], module: str, *arguments: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", *arguments],
+        [sys.executable, "-m", module, *arguments],
         cwd=REPOSITORY_ROOT,
         env=environment,
         capture_output=True,
@@ -218,7 +228,7 @@ def prefect_cli(environment: dict[str, str], *arguments: str) -> str:
         timeout=300,
     )
     if done.returncode != 0:
-        raise AssertionError(f"prefect {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}")
+        raise AssertionError(f"{module} {' '.join(arguments)} failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout
 
 
@@ -288,3 +298,13 @@ class PrefectWorker(BackgroundProcess):
     def running_flow_runs(self) -> set[str]:
         """The ids of the flow runs this worker's processes run right now."""
         return {env["PREFECT__FLOW_RUN_ID"] for env in self.descendant_environments() if "PREFECT__FLOW_RUN_ID" in env}
+
+
+def prefect_events(api_url: str, resource_id: str, names: list[str] | None = None) -> list[dict[str, object]]:
+    """The events a real Prefect server holds about `resource_id` (newest first), optionally only these names."""
+    event_filter: dict[str, object] = {"resource": {"id": [resource_id]}}
+    if names:
+        event_filter["event"] = {"name": names}
+    response = httpx.post(f"{api_url}/events/filter", json={"filter": event_filter, "limit": 50}, timeout=10)
+    response.raise_for_status()
+    return list(response.json()["events"])
