@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,7 +31,8 @@ from georeg.repository_sync import RepositorySync, RepositorySyncFailed, summari
 from georeg.sharing import ModeDecision, decide_mode
 from georeg.state import StateStore
 from georeg.state.sync import STARTED, SyncRecorder
-from georeg.storage_adapters import BlobInventory, StorageAdapter
+from georeg.storage_adapters import BlobInventory, StorageAdapter, TagLinks, build_adapter
+from georeg.tag_records import record_columns, written_tags
 from georeg.tasks.repositories import list_repositories_task, sync_repository_task
 from georeg.tasks.retries import with_retry_settings
 
@@ -149,18 +151,28 @@ async def _sync_repositories(
             backoff_cap=settings.retry_backoff_cap_seconds,
         )
         starting.append(store.sync.set_repository_states(target.name, repositories, state=STARTED))
-    await asyncio.gather(*starting)
+    # In shared mode every tag is confirmed in the storage: neither records nor the primary's links decide.
+    copying = mode.storage is None
+    *_, stored = await asyncio.gather(*starting, store.sync.tag_records(target.name, repositories if copying else []))
+    links = _primary_tag_links(config) if copying else None
     sync_repository = with_retry_settings(sync_repository_task, settings)
+    now, recheck_seconds = time.time(), config.backfill.recheck_days * 86400
 
     async def sync(repository: str) -> RepositorySync:
+        record = written_tags(repository, stored.get(repository), now, recheck_seconds)
         try:
-            result = await sync_repository(primary, target, repository, settings, dry_run, mode.storage)
+            result = await sync_repository(primary, target, repository, settings, dry_run, mode.storage, record, links)
         except RepositorySyncFailed as failure:
             result = failure.result
         except GeoregError as error:  # the repository could not even be listed
             result = RepositorySync(repository, failed={"*": str(error)})
-        if recorder is not None:
-            await (recorder.synced(repository) if result.ok else recorder.failed(repository, result.failure_summary()))
+        if recorder is not None and not result.ok:
+            await recorder.failed(repository, result.failure_summary())
+        elif recorder is not None:
+            columns = None
+            if result.written is not None:
+                columns = record_columns(result.written, checked_at=time.time() if result.checked else None)
+            await recorder.synced(repository, columns)
         await progress.advance()
         return result
 
@@ -194,6 +206,11 @@ async def _replication_mode(config: GeoregConfig, secondary: str, dry_run: bool)
     finally:
         if connecting is not None:
             await connecting
+
+
+def _primary_tag_links(config: GeoregConfig) -> TagLinks | None:
+    """The primary's tags read from its storage, when the config has the primary's `storage:` block."""
+    return TagLinks(build_adapter(config.primary.storage)) if config.primary.storage else None
 
 
 async def _connect_ahead(storage: StorageAdapter) -> None:

@@ -26,8 +26,9 @@ async def delete_image(repository: str, reference: str, secondary: str | None = 
     converge_deletion = with_retry_settings(converge_deletion_task, config.replication)
 
     async def delete_from(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
-        async with outcomes.recording(target.name, image_reference):
+        async with outcomes.recording(target.name, image_reference) as outcome:
             deletion = await converge_deletion(primary, target, image_reference)
+            outcome.deleted(deletion)
         return {
             "secondary": target.name,
             "image": str(image_reference),

@@ -4,10 +4,10 @@ or failed, with a retry count that only grows until a success, and the last veri
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, delete, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, delete, func, select
+from sqlalchemy.orm import Mapped, mapped_column, undefer
 
 from georeg.retries import backoff_delay
 from georeg.state.database import ROWS_PER_STATEMENT, Base, Database
@@ -32,6 +32,9 @@ class RepositoryState(Base):
     verified_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     verification_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
+    # The tag -> digest georeg last wrote (`georeg.tag_records`), loaded only where a backfill asks for it.
+    written_tags: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
+    checked_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # last HEAD of every secondary tag
 
     def due(self) -> bool:
         """Whether a backfill should sync it now: everything is, but a failure whose retry time is to come."""
@@ -51,35 +54,85 @@ class SyncStates:
         """Create or update the row of (secondary, repository) with `values`."""
         await self.set_repository_states(secondary, [repository], **values)
 
-    async def set_repository_states(self, secondary: str, repositories: Sequence[str], **values: object) -> None:
+    async def set_repository_states(
+        self,
+        secondary: str,
+        repositories: Sequence[str],
+        *,
+        each: Mapping[str, Mapping[str, object]] | None = None,
+        **values: object,
+    ) -> None:
         """Create or update the rows of many repositories of `secondary` with the same `values`, a few
-        hundred rows per statement in one transaction: a backfill records its repositories in bulk."""
+        hundred rows per statement in one transaction: a backfill records its repositories in bulk.
+
+        `each`: columns of each repository's own (the same columns for all); a None keeps what the row has."""
         now = time.time()
+        own = sorted({column for columns in (each or {}).values() for column in columns})
         async with self._db.transaction() as session:
             for start in range(0, len(repositories), ROWS_PER_STATEMENT):
                 rows = [
                     {"secondary": secondary, "repository": repository, "updated_at": now, "state": PENDING}
                     | {"retry_count": 0, **values}
+                    | {column: (each or {}).get(repository, {}).get(column) for column in own}
                     for repository in repositories[start : start + ROWS_PER_STATEMENT]
                 ]
+                statement = self._db.insert(RepositoryState).values(rows)
+                kept = {
+                    column: func.coalesce(statement.excluded[column], getattr(RepositoryState, column))
+                    for column in own
+                }
                 await session.execute(
-                    self._db.insert(RepositoryState)
-                    .values(rows)
-                    .on_conflict_do_update(
-                        index_elements=["secondary", "repository"], set_={"updated_at": now, **values}
+                    statement.on_conflict_do_update(
+                        index_elements=["secondary", "repository"], set_={"updated_at": now, **values, **kept}
                     )
                 )
 
-    async def repositories_synced(self, secondary: str, repositories: Sequence[str]) -> None:
+    async def repositories_synced(
+        self, secondary: str, repositories: Sequence[str], records: Mapping[str, Mapping[str, object]] | None = None
+    ) -> None:
+        """`records`: per repository, `written_tags` and `checked_at` (`georeg.tag_records.record_columns`)."""
         await self.set_repository_states(
             secondary,
             repositories,
+            each=records,
             state=SYNCED,
             retry_count=0,
             retry_at=None,
             last_failure=None,
             last_synced_at=time.time(),
         )
+
+    async def tag_records(
+        self, secondary: str, repositories: Sequence[str]
+    ) -> dict[str, tuple[str | None, float | None]]:
+        """repository -> (written_tags, checked_at) of those `repositories` that have a row, a few
+        hundred a query: a backfill loads the records of all its repositories at once."""
+        found: dict[str, tuple[str | None, float | None]] = {}
+        async with self._db.transaction() as session:
+            for start in range(0, len(repositories), ROWS_PER_STATEMENT):
+                rows = await session.execute(
+                    select(RepositoryState.repository, RepositoryState.written_tags, RepositoryState.checked_at).where(
+                        RepositoryState.secondary == secondary,
+                        RepositoryState.repository.in_(repositories[start : start + ROWS_PER_STATEMENT]),
+                    )
+                )
+                found.update((repository, (written, checked)) for repository, written, checked in rows)
+        return found
+
+    async def update_tag_record(
+        self, secondary: str, repository: str, change: Callable[[str | None], str | None]
+    ) -> None:
+        """Replace the repository's `written_tags` with `change(written_tags)`, the row locked meanwhile
+        (an event flow and a backfill may both write it). No row: nothing to change."""
+        async with self._db.transaction() as session:
+            row = await session.scalar(
+                select(RepositoryState)
+                .where(RepositoryState.secondary == secondary, RepositoryState.repository == repository)
+                .options(undefer(RepositoryState.written_tags))
+                .with_for_update()
+            )
+            if row is not None:
+                row.written_tags = change(row.written_tags)
 
     async def repository_failed(
         self, secondary: str, repository: str, failure: str, *, base: float, cap: float
@@ -105,6 +158,7 @@ class SyncStates:
             row.retry_count = (row.retry_count or 0) + 1
             row.retry_at = now + backoff_delay(row.retry_count, base=base, cap=cap)
             row.state, row.last_failure, row.updated_at = FAILED, failure[:2000], now
+            row.written_tags = None  # what a failure left on the secondary is not known: HEADs will tell
             return row
 
     async def repository_verified(self, secondary: str, repository: str, failure: str | None) -> None:
@@ -140,6 +194,7 @@ class SyncRecorder:
         self._states, self._secondary = states, secondary
         self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
         self._synced: list[str] = []
+        self._records: dict[str, Mapping[str, object]] = {}
         self._flushed_at = time.monotonic()
 
     async def failed(self, repository: str, failure: str) -> None:
@@ -147,13 +202,17 @@ class SyncRecorder:
             self._secondary, repository, failure, base=self._backoff_base, cap=self._backoff_cap
         )
 
-    async def synced(self, repository: str) -> None:
+    async def synced(self, repository: str, record: Mapping[str, object] | None = None) -> None:
+        """`record`: the repository's `written_tags` and `checked_at` columns, when the pass learned them."""
         self._synced.append(repository)
+        if record is not None:
+            self._records[repository] = record
         if time.monotonic() - self._flushed_at >= self.INTERVAL_S:
             await self.flush()
 
     async def flush(self) -> None:
         self._flushed_at = time.monotonic()
         batch, self._synced = self._synced, []
+        records, self._records = self._records, {}
         if batch:
-            await self._states.repositories_synced(self._secondary, batch)
+            await self._states.repositories_synced(self._secondary, batch, records)

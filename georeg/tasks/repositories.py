@@ -12,7 +12,8 @@ from prefect import task
 from georeg import repository_sync, verification
 from georeg.config import ReplicationConfig
 from georeg.registry import RegistryClient
-from georeg.storage_adapters import StorageAdapter
+from georeg.storage_adapters import StorageAdapter, TagLinks
+from georeg.tag_records import WrittenTags
 from georeg.tasks.retries import RETRYING
 
 
@@ -31,9 +32,18 @@ async def sync_repository_task(
     settings: ReplicationConfig,
     dry_run: bool,
     shared_storage: StorageAdapter | None,
+    record: WrittenTags | None = None,
+    primary_links: TagLinks | None = None,
 ) -> repository_sync.RepositorySync:
     return await repository_sync.sync_repository(
-        primary, secondary, repository, settings, dry_run=dry_run, shared_storage=shared_storage
+        primary,
+        secondary,
+        repository,
+        settings,
+        dry_run=dry_run,
+        shared_storage=shared_storage,
+        record=record,
+        primary_links=primary_links,
     )
 
 
