@@ -1,11 +1,11 @@
 """No-op backfill benchmark: what a pass costs per tag when nothing (or 1% of the tags) changed.
 
-    python -m benchmarks.noop [--repositories 300] [--tags 10] [--runs 2] [--prefect-database postgres]
+    python -m benchmarks.noop [--repositories 300] [--tags 10] [--runs 2]
 
 The primary and the secondary get the same images pushed to both (--repositories x --tags, one small
 layer per repository, an image per tag), so no copy is needed to start. Then `georeg backfill` runs,
-each case --runs times, the table showing the median of the backfill flow run's own time (from the
-Prefect server, no process start-up) per tag:
+each case --runs times, in this process against Prefect's test server (SQLite; no process start-up
+in the figures), the table showing the median time of the flow call per tag:
 
 - `HEADs, no record`: georeg's records are cleared before each run, so every tag is HEADed on both
   sides, as every pass did before georeg kept them (the run also writes the records);
@@ -20,7 +20,9 @@ After every run the secondary's tag -> digest listing must equal the primary's, 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import os
 import sqlite3
 import statistics
 import sys
@@ -34,18 +36,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import (
-    add_prefect_database_argument,
-    check_listing,
-    flow_run_seconds,
-    georeg_command,
-    listing,
-    machine,
-    run_and_report,
-    run_processes,
-    start_prefect_server,
-)
-from benchmarks.replicate import BIN, prefect_env
+from benchmarks.common import BenchmarkError, check_listing, listing, machine, run_and_report
 from tests.support.images import DOCKER_LAYER, Pusher, build_image, random_blob
 from tests.support.registry import RegistryProcess
 
@@ -109,11 +100,24 @@ def forget_records(state: Path) -> None:
         database.execute("UPDATE georeg_repositories SET written_tags = NULL, checked_at = NULL")
 
 
+def run_backfill(config: Path) -> float:
+    """One `backfill` flow run in this process; its wall time. A failed run fails the benchmark."""
+    from georeg.flows.backfill import backfill
+
+    os.environ["GEOREG_CONFIG"] = str(config)
+    started = time.monotonic()
+    [summary] = asyncio.run(backfill())
+    seconds = time.monotonic() - started
+    if summary["failed"]:
+        raise BenchmarkError(f"the backfill failed: {summary['failures']}")
+    return seconds
+
+
 def measure(arguments: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    logs = workdir / "logs"
-    logs.mkdir()
+    from prefect.testing.utilities import prefect_test_harness
+
     with contextlib.ExitStack() as stack:
-        server = start_prefect_server(stack, workdir / "prefect-server", arguments.prefect_database)
+        stack.enter_context(prefect_test_harness(server_startup_timeout=600))
         primary = stack.enter_context(RegistryProcess(workdir / "primary"))
         secondary = stack.enter_context(RegistryProcess(workdir / "secondary"))
         started = time.monotonic()
@@ -124,14 +128,8 @@ def measure(arguments: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             kind: write_config(workdir / f"georeg-{kind}.yaml", primary, secondary, state, kind == "storage")
             for kind in ("heads", "storage")
         }
-        env = prefect_env(workdir / "prefect-client", server.api_url)
         tags = len(names) * arguments.tags
-
-        def backfill(kind: str, name: str) -> float:
-            finished = run_processes([georeg_command(configs[kind], "backfill")], env=env, log_dir=logs, name=name)
-            return flow_run_seconds(server.api_url, finished.outputs[0], "backfill")
-
-        backfill("heads", "warm-up")  # the Prefect server learns the flow; the records are written
+        run_backfill(configs["heads"])  # the Prefect server learns the flow; the records are written
         cases: list[dict[str, Any]] = []
         for label, kind, keep_records in CASES:
             seconds, retagged = [], 0
@@ -140,7 +138,7 @@ def measure(arguments: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     forget_records(state)
                 if label.startswith("1%"):
                     retagged = retag(primary, names, arguments.tags, RESYNC_SHARE, len(cases) * 10 + run)
-                seconds.append(backfill(kind, f"{len(cases)}-{run}"))
+                seconds.append(run_backfill(configs[kind]))
                 check_listing(listing(primary.url), secondary.url, label)
             flow_s = statistics.median(seconds)
             cases.append(
@@ -169,7 +167,7 @@ def format_table(results: dict[str, Any]) -> str:
     parameters = results["parameters"]
     lines = [
         f"no-op backfill of {parameters['repositories']} repositories x {parameters['tags']} tags "
-        f"({results['tags']} tags), median of {parameters['runs']} runs, the flow run's own time",
+        f"({results['tags']} tags), median of {parameters['runs']} runs of the flow call",
         "",
         f"{'case':<30} {'flow s':>8} {'ms per tag':>11}",
     ]
@@ -183,15 +181,12 @@ def format_table(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.noop", description=__doc__.split("\n")[0])
-    add_prefect_database_argument(parser)
     parser.add_argument("--repositories", type=int, default=300, help="repositories (default 300)")
     parser.add_argument("--tags", type=int, default=10, help="tags per repository (default 10)")
     parser.add_argument("--runs", type=int, default=2, help="runs per case; the table shows medians (default 2)")
     arguments = parser.parse_args(argv)
     if min(arguments.repositories, arguments.tags, arguments.runs) < 1:
         raise SystemExit("every count must be at least 1")
-    if not (BIN / "georeg").is_file():
-        raise SystemExit(f"{BIN / 'georeg'} is missing")
     return run_and_report("noop", lambda: benchmark(arguments), format_table)
 
 

@@ -169,7 +169,8 @@ class SyncStates:
             "verification_failure": failure,
         }
         if failure:
-            values.update(state=PENDING, retry_at=None)
+            # The record says otherwise than the secondary: the next backfill HEADs every tag instead.
+            values.update(state=PENDING, retry_at=None, written_tags=None)
         await self.set_repository_state(secondary, repository, **values)
 
     async def forget_repositories(self, secondary: str, repositories: Sequence[str]) -> None:
