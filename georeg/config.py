@@ -282,6 +282,13 @@ class BackfillConfig(_Strict):
     lease_seconds: float = Field(
         default=300, ge=5, le=86400, description="how long a backfill that died keeps the next one out"
     )
+    recheck_days: float = Field(
+        default=7,
+        gt=0,
+        le=365,
+        description="every repository's secondary tags are HEADed again within this time, instead of "
+        "trusting georeg's record of what it wrote",
+    )
 
 
 class AutomationsConfig(_Strict):

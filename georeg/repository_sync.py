@@ -1,9 +1,18 @@
 """Bringing whole repositories on a secondary level with the primary: what a backfill does per repository.
 
-For each repository: compare tag -> digest on both sides (HEADs with every manifest media type, so
-indexes are never skipped), replicate what is missing or different, remove what the primary no
-longer has. When nothing differs, this costs only the listing and the HEADs. Every tag's outcome is
-collected: a repository counts as synced only if every tag in it succeeded.
+For each repository: compare tag -> digest on both sides, replicate what is missing or different,
+remove what the primary no longer has. Every tag's outcome is collected: a repository counts as synced
+only if every tag in it succeeded.
+
+Each side's tag -> digest comes from the cheapest source that can be trusted:
+
+- the secondary: georeg's record of what it wrote there (`georeg.tag_records`) while the secondary's
+  tag list matches it and no re-check is due; else a HEAD per tag (with every manifest media type, so
+  indexes are never skipped);
+- the primary: its storage's tag links (`TagLinks`) when its `storage:` block is given and readable;
+  else its tag list and a HEAD per tag.
+
+So a no-op pass costs a tag list per repository and one listing of the primary's storage.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from georeg.references import ImageReference
 from georeg.registry import RegistryClient
 from georeg.replication import replicate
 from georeg.repository_groups import RepositoryGroup
-from georeg.storage_adapters import StorageAdapter
+from georeg.storage_adapters import StorageAdapter, TagLinks
+from georeg.tag_records import WrittenTags
 
 _HEADS_IN_FLIGHT = 16
 
@@ -56,6 +66,19 @@ async def head_digests(client: RegistryClient, repository: str, tags: list[str])
     return {tag: head.digest for tag, head in zip(tags, heads, strict=True) if head is not None}
 
 
+async def _present(
+    secondary: RegistryClient, repository: str, listed: list[str], trusted_record: dict[str, str] | None
+) -> dict[str, str]:
+    """The secondary's tag -> digest: the record when it is trusted, else a HEAD per listed tag."""
+    if trusted_record is not None:
+        return dict(trusted_record)
+    return await head_digests(secondary, repository, listed)
+
+
+async def _nothing() -> None:
+    return None
+
+
 def tags_checksum(digests: dict[str, str]) -> str:
     """One value for a repository's tag -> digest list: equal on both sides means equal content."""
     listing = "".join(f"{tag} {digest}\n" for tag, digest in sorted(digests.items()))
@@ -72,6 +95,10 @@ class RepositorySync:
     removed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # tag (or "*" for the whole repository) -> why
     unchanged: int = 0
+    # What the secondary holds afterwards as far as georeg knows (None: a dry run or shared storage), and
+    # whether this pass HEADed every tag of the secondary's rather than trusting the record.
+    written: dict[str, str] | None = None
+    checked: bool = False
     bytes_copied: int = 0
     bytes_skipped: int = 0
     blobs: dict[str, int] = field(default_factory=lambda: {outcome.value: 0 for outcome in BlobOutcome})
@@ -117,14 +144,27 @@ async def sync_repository(
     *,
     dry_run: bool = False,
     shared_storage: StorageAdapter | None = None,
+    record: WrittenTags | None = None,
+    primary_links: TagLinks | None = None,
 ) -> RepositorySync:
     """Make `repository` on the secondary equal to the primary's; raise RepositorySyncFailed if any tag failed.
 
-    `shared_storage` is the secondary's storage when the primary shares it: tags are confirmed, not copied."""
+    `shared_storage` is the secondary's storage when the primary shares it: tags are confirmed, not copied.
+    `record` is what georeg wrote to the secondary; `primary_links` reads the primary's storage."""
     started = time.monotonic()
     result = RepositorySync(repository)
     try:
-        await _sync(primary, secondary, repository, settings, result, dry_run=dry_run, shared_storage=shared_storage)
+        await _sync(
+            primary,
+            secondary,
+            repository,
+            settings,
+            result,
+            dry_run=dry_run,
+            shared_storage=shared_storage,
+            record=record,
+            primary_links=primary_links,
+        )
     finally:
         result.seconds = time.monotonic() - started
     if result.failed:
@@ -141,6 +181,8 @@ async def _sync(
     *,
     dry_run: bool,
     shared_storage: StorageAdapter | None,
+    record: WrittenTags | None,
+    primary_links: TagLinks | None,
 ) -> None:
     if shared_storage:
         # The secondary lists what the primary lists, from the same storage: every tag is confirmed, not
@@ -150,18 +192,36 @@ async def _sync(
         present: dict[str, str] = {}
         fresh = False
     else:
-        primary_tags, secondary_tags = await asyncio.gather(primary.tags(repository), secondary.tags(repository))
-        wanted_tags = [tag for tag in primary_tags if settings.tags.wants(tag)]
+        recorded = record.tags if record is not None else {}
+        from_storage, secondary_tags = await asyncio.gather(
+            asyncio.to_thread(primary_links.tags, repository, recorded) if primary_links else _nothing(),
+            secondary.tags(repository),
+        )
+        listed_on_secondary = [tag for tag in secondary_tags if settings.tags.wants(tag)]
         # A repository the secondary lists no tag of gets every tag copied whatever its digest: the
         # primary's HEADs would decide nothing, and no blob HEAD is needed for its small blobs either.
         fresh = not secondary_tags
-        listed_on_secondary = [tag for tag in secondary_tags if settings.tags.wants(tag)]
-        wanted, present = await asyncio.gather(
-            head_digests(primary, repository, [] if fresh else wanted_tags),
-            head_digests(secondary, repository, listed_on_secondary),
-        )
-        if fresh:
-            wanted = dict.fromkeys(wanted_tags, "")
+        # georeg is the secondary's only writer: while the secondary lists exactly the tags it recorded,
+        # they hold the digests it recorded. A re-check due, or any difference, and every tag is asked.
+        trusted = record is not None and record.trusted and set(listed_on_secondary) == set(recorded)
+        result.checked = not trusted
+        if from_storage is not None:
+            wanted = {tag: digest for tag, digest in from_storage.digests.items() if settings.tags.wants(tag)}
+            unsure = [tag for tag in from_storage.unsure if settings.tags.wants(tag)]
+            wanted_from_registry, present = await asyncio.gather(
+                head_digests(primary, repository, unsure),
+                _present(secondary, repository, listed_on_secondary, recorded if trusted else None),
+            )
+            wanted.update(wanted_from_registry)
+        else:
+            wanted_tags = [tag for tag in await primary.tags(repository) if settings.tags.wants(tag)]
+            wanted, present = await asyncio.gather(
+                head_digests(primary, repository, [] if fresh else wanted_tags),
+                _present(secondary, repository, listed_on_secondary, recorded if trusted else None),
+            )
+            if fresh:
+                wanted = dict.fromkeys(wanted_tags, "")
+        result.written = dict(present)
     to_copy = sorted(tag for tag, digest in wanted.items() if shared_storage or present.get(tag) != digest)
     to_remove = sorted(set(present) - set(wanted)) if settings.delete_extra_tags else []
     result.unchanged = len(wanted) - len(to_copy)
@@ -189,6 +249,8 @@ async def _sync(
             _record_failure(result, tag, error)
             return
         (result.confirmed if shared_storage else result.copied).append(tag)
+        if result.written is not None:
+            result.written[tag] = image.digest
         result.bytes_copied += image.bytes_copied
         result.bytes_skipped += image.bytes_skipped
         for outcome in BlobOutcome:
@@ -209,6 +271,11 @@ async def _sync(
             continue
         if deletion.outcome is DeletionOutcome.REMOVED:
             result.removed.append(tag)
+        if deletion.outcome is not DeletionOutcome.KEPT and result.written is not None:
+            result.written.pop(tag, None)
+    if result.written is not None:
+        for tag in result.failed:  # what a failed copy or removal left there is not known
+            result.written.pop(tag, None)
 
 
 def group_results(group: RepositoryGroup[RepositorySync]) -> list[RepositorySync]:

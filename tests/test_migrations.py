@@ -135,6 +135,34 @@ async def test_a_database_from_before_migrations_is_adopted_with_its_rows(url: s
         await store.close()
 
 
+async def test_a_database_at_the_baseline_gains_the_tag_records_with_its_rows_kept(url: str):
+    from alembic import command
+
+    def to_baseline(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(
+            text(
+                "INSERT INTO georeg_repositories (secondary, repository, state, retry_count, updated_at)"
+                " VALUES ('east', 'group/app', 'synced', 0, 1.0)"
+            )
+        )
+
+    await on_connection(url, to_baseline)
+    store = StateStore(url)
+    try:
+        await store.ensure_schema()
+        assert await versions(url) == [HEAD_REVISION] and await schema_differences(url) == []
+        assert await store.sync.tag_records("east", ["group/app"]) == {"group/app": (None, None)}
+        await store.sync.repositories_synced(
+            "east", ["group/app"], {"group/app": {"written_tags": "{}", "checked_at": 2.0}}
+        )
+        assert await store.sync.tag_records("east", ["group/app"]) == {"group/app": ("{}", 2.0)}
+    finally:
+        await store.close()
+
+
 async def test_an_up_to_date_database_costs_one_query_and_no_alembic(url: str):
     store = StateStore(url)
     try:
@@ -298,7 +326,8 @@ async def test_with_migrate_on_start_false_an_old_database_waits_for_georeg_db_u
     assert "state.migrate_on_start is false: back the database up, then run `georeg db upgrade`" in refused.stderr
     before = georeg("--config", str(config), "db", "current")
     assert (
-        before.stdout.strip() == "state database: none: made before georeg had migrations (baseline 0001); head is 0001"
+        before.stdout.strip()
+        == f"state database: none: made before georeg had migrations (baseline 0001); head is {HEAD_REVISION}"
     )
 
     upgraded = georeg("--config", str(config), "db", "upgrade")

@@ -15,6 +15,7 @@ from georeg.state import StateStore, database_url, journal
 from georeg.state.journal import PENDING, WorkItem
 from georeg.state.sync import FAILED, MISMATCH, STARTED, SYNCED, VERIFIED
 from georeg.state.sync import PENDING as PENDING_SYNC
+from georeg.tag_records import changed, decode, encode, record_columns
 
 
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -196,6 +197,34 @@ async def test_status_counts_failures_and_deferred_repositories_are_queries_not_
     assert await store.sync.deferred_repositories("east") == set(names[25:])
     assert await store.sync.known_repositories("east") == set(names)
     assert await store.sync.counts("west") == ({}, {})
+
+
+async def test_tag_records_are_written_and_loaded_in_bulk_and_a_failure_forgets_one(store):
+    """A backfill loads every record of its repositories in a few queries and writes each its own; a
+    pass that trusted the record keeps the time of the last full check; an event changes one record."""
+    names = [f"group/app{number:04d}" for number in range(1234)]
+    records = {
+        name: record_columns({"v1": f"sha256:{number:064x}"}, checked_at=5.0) for number, name in enumerate(names)
+    }
+    await store.sync.repositories_synced("east", names, records)
+    # A later pass trusted the records: new records, the check time kept.
+    await store.sync.repositories_synced("east", names[:2], {n: record_columns({}, checked_at=None) for n in names[:2]})
+
+    loaded = await store.sync.tag_records("east", [*names, "group/unknown"])
+
+    assert len(loaded) == 1234 and "group/unknown" not in loaded
+    assert loaded[names[0]] == ("{}", 5.0)
+    assert loaded[names[-1]] == (encode({"v1": f"sha256:{1233:064x}"}), 5.0)
+    assert await store.sync.tag_records("west", names) == {}
+
+    await store.sync.update_tag_record("east", names[5], lambda text: changed(text, wrote={"v2": "x"}, removed=None))
+    assert decode((await store.sync.tag_records("east", [names[5]]))[names[5]][0]) == {
+        "v1": f"sha256:{5:064x}",
+        "v2": "x",
+    }
+    await store.sync.repository_failed("east", names[5], "boom", base=1, cap=10)
+    assert (await store.sync.tag_records("east", [names[5]]))[names[5]] == (None, 5.0)
+    assert (await store.sync.repository_states("east"))[names[5]].state == FAILED  # the record is not loaded there
 
 
 async def test_running_rows_are_listed_for_recovery_and_can_be_released(store):

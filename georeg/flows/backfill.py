@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,7 +33,8 @@ from georeg.repository_sync import RepositorySync, group_results, report_rows, s
 from georeg.sharing import ModeDecision, decide_mode
 from georeg.state import StateStore
 from georeg.state.sync import STARTED, SyncRecorder
-from georeg.storage_adapters import BlobInventory, StorageAdapter
+from georeg.storage_adapters import BlobInventory, StorageAdapter, TagLinks, build_adapter
+from georeg.tag_records import WrittenTags, record_columns, written_tags
 from georeg.tasks.repositories import list_repositories_task, sync_repositories_task
 from georeg.tasks.retries import with_retry_settings
 
@@ -155,23 +157,36 @@ async def _sync_repositories(
             backoff_cap=settings.retry_backoff_cap_seconds,
         )
         starting.append(store.sync.set_repository_states(target.name, repositories, state=STARTED))
-    await asyncio.gather(*starting)
+    # In shared mode every tag is confirmed in the storage: neither records nor the primary's links decide.
+    copying = mode.storage is None
+    *_, stored = await asyncio.gather(*starting, store.sync.tag_records(target.name, repositories if copying else []))
+    links = _primary_tag_links(config) if copying else None
     sync_group = with_retry_settings(sync_repositories_task, settings)
+    now, recheck_seconds = time.time(), config.backfill.recheck_days * 86400
     results: list[RepositorySync] = []
+
+    def record_of(repository: str) -> WrittenTags | None:
+        return written_tags(repository, stored.get(repository), now, recheck_seconds)
+
+    async def record(result: RepositorySync) -> None:
+        if recorder is None:
+            return
+        if not result.ok:
+            await recorder.failed(result.repository, result.failure_summary())
+            return
+        columns = None
+        if result.written is not None:
+            columns = record_columns(result.written, checked_at=time.time() if result.checked else None)
+        await recorder.synced(result.repository, columns)
 
     async def sync(group: RepositoryGroup[RepositorySync]) -> None:
         try:
-            await sync_group(primary, target, group, settings, dry_run, mode.storage)
+            await sync_group(primary, target, group, settings, dry_run, mode.storage, record_of, links)
         finally:  # what the group came to is recorded even when its task gave up
             outcomes = group_results(group)
             results.extend(outcomes)
-            if recorder is not None:
-                for result in outcomes:
-                    await (
-                        recorder.synced(result.repository)
-                        if result.ok
-                        else recorder.failed(result.repository, result.failure_summary())
-                    )
+            for result in outcomes:
+                await record(result)
 
     try:
         await in_groups(
@@ -208,6 +223,11 @@ async def _replication_mode(config: GeoregConfig, secondary: str, dry_run: bool)
     finally:
         if connecting is not None:
             await connecting
+
+
+def _primary_tag_links(config: GeoregConfig) -> TagLinks | None:
+    """The primary's tags read from its storage, when the config has the primary's `storage:` block."""
+    return TagLinks(build_adapter(config.primary.storage)) if config.primary.storage else None
 
 
 async def _connect_ahead(storage: StorageAdapter) -> None:

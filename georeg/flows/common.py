@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from georeg import tag_records
 from georeg.config import GeoregConfig, SecondaryConfig
+from georeg.deletion import Deletion, DeletionOutcome
 from georeg.errors import GeoregError, ReplicationError
 from georeg.events import REPLICATE
 from georeg.limits import apply_limits
 from georeg.prefect_events import emit_replication
 from georeg.references import ImageReference
 from georeg.registry import RegistryClient, primary_client, secondary_client
+from georeg.tag_records import reference_tag
 
 if TYPE_CHECKING:
+    from georeg.replication import ImageReplication
     from georeg.state import StateStore
     from georeg.state.journal import Claim
 
@@ -75,11 +80,25 @@ async def open_state(config: GeoregConfig) -> AsyncIterator[StateStore]:
 
 @dataclass
 class Outcome:
-    """What a step tells the record of its outcome: the manifests it put besides its own, and the figures
+    """What a step tells the record of its outcome: the manifests it put besides its own, the tag it put
+    or the reference it removed (for georeg's record of what the secondary holds), and the figures
     (digest, bytes) that Prefect's event feed reports."""
 
     covers: tuple[str, ...] = ()
+    wrote: dict[str, str] = field(default_factory=dict)  # tag -> digest
+    removed: str | None = None  # a tag, or a digest and every tag that pointed at it
     figures: dict[str, Any] = field(default_factory=dict)
+
+    def copied(self, image: ImageReplication) -> None:
+        self.covers, self.figures = image.children, image.summary()
+        tag = reference_tag(image.reference.reference)
+        if tag is not None:
+            self.wrote = {tag: image.digest}
+
+    def deleted(self, deletion: Deletion) -> None:
+        self.figures = {"outcome": deletion.outcome.value, "digest": deletion.digest}
+        if deletion.outcome is DeletionOutcome.REMOVED:
+            self.removed = deletion.reference.reference
 
 
 class EventOutcomes:
@@ -122,14 +141,18 @@ class EventOutcomes:
             await self._failed(secondary, image, error, claim)
             raise
         emit_replication(secondary, image.repository, image.reference, action, **outcome.figures)
-        await self._succeeded(secondary, image, outcome.covers, claim)
+        await self._succeeded(secondary, image, outcome, claim)
 
-    async def _succeeded(
-        self, secondary: str, image: ImageReference, covers: tuple[str, ...], claim: Claim | None
-    ) -> None:
+    async def _succeeded(self, secondary: str, image: ImageReference, outcome: Outcome, claim: Claim | None) -> None:
         store = await self._open()
         await store.sync.set_repository_state(secondary, image.repository)
-        await store.journal.covered(secondary, image.repository, covers)
+        if outcome.wrote or outcome.removed is not None:
+            await store.sync.update_tag_record(
+                secondary,
+                image.repository,
+                functools.partial(tag_records.changed, wrote=outcome.wrote, removed=outcome.removed),
+            )
+        await store.journal.covered(secondary, image.repository, outcome.covers)
         if claim is not None:
             await store.journal.succeeded(claim)
         elif self._covers_through is not None:

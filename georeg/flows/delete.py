@@ -29,7 +29,7 @@ async def delete_image(repository: str, reference: str, secondary: str | None = 
     async def delete_from(primary: RegistryClient, target: RegistryClient) -> dict[str, Any]:
         async with outcomes.recording(target.name, image_reference, action=DELETE) as outcome:
             deletion = await converge_deletion(primary, target, image_reference)
-            outcome.figures = {"outcome": deletion.outcome.value, "digest": deletion.digest}
+            outcome.deleted(deletion)
         return {
             "secondary": target.name,
             "image": str(image_reference),

@@ -46,7 +46,7 @@ async def replicate_image(repository: str, reference: str, secondary: str | None
         mode = decide_mode(config, config.select_secondaries(target.name)[0])
         async with outcomes.recording(target.name, image) as outcome:
             copied = await copy_image(primary, target, image, config.replication, mode.storage)
-            outcome.covers, outcome.figures = copied.children, copied.summary()
+            outcome.copied(copied)
         return {"secondary": target.name, "mode": mode.mode.value, **copied.summary()}
 
     async with event_outcomes(config) as outcomes:
@@ -83,11 +83,11 @@ async def replicate_images(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     return {"secondary": target.name, "image": str(image), "outcome": "put with its index"}
                 if claim.action == DELETE:
                     deleted = await converge_deletion(primary, target, image)
-                    outcome.figures = {"outcome": deleted.outcome.value}
+                    outcome.deleted(deleted)
                     return {"secondary": target.name, "image": str(image), "outcome": deleted.outcome.value}
                 mode = decide_mode(config, config.select_secondaries(target.name)[0])
                 copied = await copy_image(primary, target, image, config.replication, mode.storage)
-                outcome.covers, outcome.figures = copied.children, copied.summary()
+                outcome.copied(copied)
                 covered.update((target.name, claim.repository, child) for child in copied.children)
                 return {"secondary": target.name, "mode": mode.mode.value, **copied.summary()}
         except GeoregError as error:

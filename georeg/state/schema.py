@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 # The newest revision in migrations/versions/, so that the start-up check needs no script loading
 # (tests/test_migrations.py fails when a revision is added without moving this).
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 BASELINE_REVISION = "0001"
 MIGRATIONS = Path(__file__).parent / "migrations"
 # pg_advisory_xact_lock's key: any constant bigint that nothing else on the database uses ("georegdb").

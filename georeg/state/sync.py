@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, delete, func, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, undefer
 
 from georeg.retries import backoff_delay
 from georeg.state.database import ROWS_PER_STATEMENT, Base, Database
@@ -37,6 +37,9 @@ class RepositoryState(Base):
     verified_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     verification_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
+    # The tag -> digest georeg last wrote (`georeg.tag_records`), loaded only where a backfill asks for it.
+    written_tags: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
+    checked_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # last HEAD of every secondary tag
 
 
 class SyncStates:
@@ -96,31 +99,83 @@ class SyncStates:
         """Create or update the row of (secondary, repository) with `values`."""
         await self.set_repository_states(secondary, [repository], **values)
 
-    async def set_repository_states(self, secondary: str, repositories: Sequence[str], **values: object) -> None:
+    async def set_repository_states(
+        self,
+        secondary: str,
+        repositories: Sequence[str],
+        *,
+        each: Mapping[str, Mapping[str, object]] | None = None,
+        **values: object,
+    ) -> None:
         """Create or update the rows of many repositories of `secondary` with the same `values`, a few
-        hundred rows per statement in one transaction: a backfill records its repositories in bulk."""
+        hundred rows per statement in one transaction: a backfill records its repositories in bulk.
+
+        `each`: columns of each repository's own (the same columns for all); a None keeps what the row has."""
         if not repositories:
             return
-        now = time.time()
-        upsert = self._db.insert(RepositoryState).on_conflict_do_update(
-            index_elements=["secondary", "repository"], set_={"updated_at": now, **values}
+        now, each = time.time(), each or {}
+        own = sorted({column for columns in each.values() for column in columns})
+        insert = self._db.insert(RepositoryState)
+        kept = {column: func.coalesce(insert.excluded[column], getattr(RepositoryState, column)) for column in own}
+        upsert = insert.on_conflict_do_update(
+            index_elements=["secondary", "repository"], set_={"updated_at": now, **values, **kept}
         )
         first = {"secondary": secondary, "updated_at": now, "state": PENDING, "retry_count": 0, **values}
+        rows = [
+            first | {"repository": repository} | {column: each.get(repository, {}).get(column) for column in own}
+            for repository in repositories
+        ]
         # One statement with many parameter sets: SQLAlchemy compiles it once and sends it in batches
         # of multi-row VALUES; a statement built with .values(rows) is compiled anew, row by row, each time.
         async with self._db.transaction() as session:
-            await session.execute(upsert, [first | {"repository": repository} for repository in repositories])
+            await session.execute(upsert, rows)
 
-    async def repositories_synced(self, secondary: str, repositories: Sequence[str]) -> None:
+    async def repositories_synced(
+        self, secondary: str, repositories: Sequence[str], records: Mapping[str, Mapping[str, object]] | None = None
+    ) -> None:
+        """`records`: per repository, `written_tags` and `checked_at` (`georeg.tag_records.record_columns`)."""
         await self.set_repository_states(
             secondary,
             repositories,
+            each=records,
             state=SYNCED,
             retry_count=0,
             retry_at=None,
             last_failure=None,
             last_synced_at=time.time(),
         )
+
+    async def tag_records(
+        self, secondary: str, repositories: Sequence[str]
+    ) -> dict[str, tuple[str | None, float | None]]:
+        """repository -> (written_tags, checked_at) of those `repositories` that have a row, a few
+        hundred a query: a backfill loads the records of all its repositories at once."""
+        found: dict[str, tuple[str | None, float | None]] = {}
+        async with self._db.transaction() as session:
+            for start in range(0, len(repositories), ROWS_PER_STATEMENT):
+                rows = await session.execute(
+                    select(RepositoryState.repository, RepositoryState.written_tags, RepositoryState.checked_at).where(
+                        RepositoryState.secondary == secondary,
+                        RepositoryState.repository.in_(repositories[start : start + ROWS_PER_STATEMENT]),
+                    )
+                )
+                found.update((repository, (written, checked)) for repository, written, checked in rows)
+        return found
+
+    async def update_tag_record(
+        self, secondary: str, repository: str, change: Callable[[str | None], str | None]
+    ) -> None:
+        """Replace the repository's `written_tags` with `change(written_tags)`, the row locked meanwhile
+        (an event flow and a backfill may both write it). No row: nothing to change."""
+        async with self._db.transaction() as session:
+            row = await session.scalar(
+                select(RepositoryState)
+                .where(RepositoryState.secondary == secondary, RepositoryState.repository == repository)
+                .options(undefer(RepositoryState.written_tags))
+                .with_for_update()
+            )
+            if row is not None:
+                row.written_tags = change(row.written_tags)
 
     async def repository_failed(
         self, secondary: str, repository: str, failure: str, *, base: float, cap: float
@@ -146,6 +201,7 @@ class SyncStates:
             row.retry_count = (row.retry_count or 0) + 1
             row.retry_at = now + backoff_delay(row.retry_count, base=base, cap=cap)
             row.state, row.last_failure, row.updated_at = FAILED, failure[:2000], now
+            row.written_tags = None  # what a failure left on the secondary is not known: HEADs will tell
             return row
 
     async def repository_verified(self, secondary: str, repository: str, failure: str | None) -> None:
@@ -156,7 +212,8 @@ class SyncStates:
             "verification_failure": failure,
         }
         if failure:
-            values.update(state=PENDING, retry_at=None)
+            # The record says otherwise than the secondary: the next backfill HEADs every tag instead.
+            values.update(state=PENDING, retry_at=None, written_tags=None)
         await self.set_repository_state(secondary, repository, **values)
 
     async def forget_repositories(self, secondary: str, repositories: Sequence[str]) -> None:
@@ -181,6 +238,7 @@ class SyncRecorder:
         self._states, self._secondary = states, secondary
         self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
         self._synced: list[str] = []
+        self._records: dict[str, Mapping[str, object]] = {}
         self._flushed_at = time.monotonic()
 
     async def failed(self, repository: str, failure: str) -> None:
@@ -188,13 +246,17 @@ class SyncRecorder:
             self._secondary, repository, failure, base=self._backoff_base, cap=self._backoff_cap
         )
 
-    async def synced(self, repository: str) -> None:
+    async def synced(self, repository: str, record: Mapping[str, object] | None = None) -> None:
+        """`record`: the repository's `written_tags` and `checked_at` columns, when the pass learned them."""
         self._synced.append(repository)
+        if record is not None:
+            self._records[repository] = record
         if time.monotonic() - self._flushed_at >= self.INTERVAL_S:
             await self.flush()
 
     async def flush(self) -> None:
         self._flushed_at = time.monotonic()
         batch, self._synced = self._synced, []
+        records, self._records = self._records, {}
         if batch:
-            await self._states.repositories_synced(self._secondary, batch)
+            await self._states.repositories_synced(self._secondary, batch, records)

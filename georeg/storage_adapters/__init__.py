@@ -29,6 +29,7 @@ from georeg.storage_adapters.inventory import BlobInventory
 from georeg.storage_adapters.oss import OssAdapter
 from georeg.storage_adapters.s3 import S3Adapter
 from georeg.storage_adapters.swift import SwiftAdapter
+from georeg.storage_adapters.tag_links import StorageTags, TagLinks
 
 ADAPTERS: dict[str, type[StorageAdapter]] = {
     "azure": AzureAdapter,
@@ -49,6 +50,8 @@ __all__ = [
     "StorageAdapter",
     "StorageError",
     "StorageLocation",
+    "StorageTags",
+    "TagLinks",
     "blob_size",
     "build_adapter",
     "has_manifest_revision",

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from georeg.errors import ConfigError
+from georeg.storage_adapters.base import listed_md5
 from georeg.storage_adapters.object_store import ObjectStoreAdapter
 from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, public_url
 
@@ -95,9 +96,11 @@ class AzureAdapter(ObjectStoreAdapter):
     def _read(self, client: Any, key: str) -> bytes:
         return bytes(client.get_blob_client(key).download_blob().readall())
 
-    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int]]:
+    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int, str | None]]:
         for properties in client.list_blobs(name_starts_with=prefix, results_per_page=self.list_page):
-            yield properties.name, int(properties.size)
+            # The service keeps a Content-MD5 for a blob put in one request; a block list's has none.
+            md5 = properties.content_settings.content_md5 if properties.content_settings else None
+            yield properties.name, int(properties.size), listed_md5(bytes(md5) if md5 else None)
 
     def _is_absent(self, error: Exception) -> bool:
         from azure.core.exceptions import ResourceNotFoundError

@@ -7,6 +7,8 @@ built only from validated repository names and digests.
 
 from __future__ import annotations
 
+import binascii
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,6 +18,8 @@ from georeg.references import validate_digest, validate_repository, validate_tag
 
 REGISTRY_PREFIX = "docker/registry/v2"
 BLOBS_DIRECTORY = f"{REGISTRY_PREFIX}/blobs/"
+REPOSITORIES_DIRECTORY = f"{REGISTRY_PREFIX}/repositories/"
+_MD5 = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,12 @@ class StorageAdapter(Protocol):
         size is None where the listing may not show it (`object_size` then tells)."""
         ...
 
+    def list_checksums(self, directory: str) -> Iterator[tuple[str, str | None]]:
+        """(path, MD5 of the contents as 32 hex digits) of every object under `directory`, from the same
+        listing: the MD5 is what the backend shows (an ETag, a content MD5), None where it shows none or
+        one that is not the contents' MD5 (a multipart upload's ETag)."""
+        ...
+
 
 def blob_path(digest: str) -> str:
     algorithm, hex_digest = validate_digest(digest).split(":", 1)
@@ -96,6 +106,19 @@ def tag_digest(adapter: StorageAdapter, repository: str, tag: str) -> str | None
 
 def has_manifest_revision(adapter: StorageAdapter, repository: str, digest: str) -> bool:
     return adapter.read_small(manifest_revision_link(repository, digest)) is not None
+
+
+def listed_md5(value: str | bytes | None, *, base64: bool = False) -> str | None:
+    """A backend's MD5 of an object as 32 lowercase hex digits, or None when it is not a plain MD5."""
+    if value is None:
+        return None
+    if base64:
+        try:
+            value = binascii.a2b_base64(value)
+        except (binascii.Error, ValueError):
+            return None
+    text = value.hex() if isinstance(value, (bytes, bytearray)) else value.strip('"').lower()
+    return text if _MD5.fullmatch(text) else None
 
 
 def backend_failure(backend: str, operation: str, where: str, status: int | None, code: str | None) -> StorageError:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from georeg.errors import ConfigError
+from georeg.storage_adapters.base import listed_md5
 from georeg.storage_adapters.object_store import ObjectStoreAdapter
 from georeg.storage_adapters.params import DriverParameters, normalise_endpoint
 
@@ -57,11 +58,11 @@ class GcsAdapter(ObjectStoreAdapter):
     def _read(self, client: Any, key: str) -> bytes:
         return client.bucket(self.bucket).blob(key).download_as_bytes(timeout=TIMEOUT_S, retry=_retry())
 
-    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int]]:
+    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int, str | None]]:
         for blob in client.list_blobs(
             self.bucket, prefix=prefix, page_size=self.list_page, timeout=TIMEOUT_S, retry=_retry()
         ):
-            yield blob.name, int(blob.size or 0)
+            yield blob.name, int(blob.size or 0), listed_md5(blob.md5_hash, base64=True)  # composed: none
 
     def _is_absent(self, error: Exception) -> bool:
         from google.api_core.exceptions import NotFound

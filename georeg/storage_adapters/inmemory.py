@@ -38,3 +38,6 @@ class InMemoryAdapter:
 
     def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
         return iter(())
+
+    def list_checksums(self, directory: str) -> Iterator[tuple[str, str | None]]:
+        return iter(())

@@ -64,6 +64,9 @@ class BlobInventory:
     def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
         return self.storage.list_objects(directory)
 
+    def list_checksums(self, directory: str) -> Iterator[tuple[str, str | None]]:
+        return self.storage.list_checksums(directory)
+
     def _listing(self) -> dict[str, int] | None:
         with self._lock:
             if self._failed:

@@ -76,10 +76,18 @@ class ObjectStoreAdapter(ABC):
         return self._call("GET", key, lambda client: self._read(client, key))
 
     def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        for path, size, _md5 in self._listing(directory):
+            yield path, size
+
+    def list_checksums(self, directory: str) -> Iterator[tuple[str, str | None]]:
+        for path, _size, md5 in self._listing(directory):
+            yield path, md5
+
+    def _listing(self, directory: str) -> Iterator[tuple[str, int, str | None]]:
         prefix = directory_key(self.root, directory)
         with self._failures("LIST", prefix):
-            for key, size in self._list(self.client(), prefix):
-                yield relative_path(self.root, key), size
+            for key, size, md5 in self._list(self.client(), prefix):
+                yield relative_path(self.root, key), size, md5
 
     # What each backend supplies.
 
@@ -101,8 +109,9 @@ class ObjectStoreAdapter(ABC):
         """The contents of the object at `key`."""
 
     @abstractmethod
-    def _list(self, client: Any, prefix: str) -> Iterable[tuple[str, int]]:
-        """(key, size) of every object whose key starts with `prefix`, `list_page` objects a request."""
+    def _list(self, client: Any, prefix: str) -> Iterable[tuple[str, int, str | None]]:
+        """(key, size, MD5 hex or None: see `listed_md5`) of every object whose key starts with `prefix`,
+        `list_page` objects a request."""
 
     @abstractmethod
     def _is_absent(self, error: Exception) -> bool:

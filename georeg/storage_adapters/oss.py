@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from georeg.storage_adapters.base import StorageError
+from georeg.storage_adapters.base import StorageError, listed_md5
 from georeg.storage_adapters.object_store import ObjectStoreAdapter
 from georeg.storage_adapters.params import DriverParameters, normalise_endpoint
 
@@ -65,11 +65,11 @@ class OssAdapter(ObjectStoreAdapter):
     def _read(self, client: Any, key: str) -> bytes:
         return bytes(client.get_object(key).read())
 
-    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int]]:
+    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int, str | None]]:
         import oss2
 
         for listed in oss2.ObjectIterator(client, prefix=prefix, max_keys=self.list_page):
-            yield listed.key, int(listed.size)
+            yield listed.key, int(listed.size), listed_md5(listed.etag)  # a simple PUT's ETag is its MD5
 
     def _is_absent(self, error: Exception) -> bool:
         from oss2.exceptions import NoSuchBucket, NotFound

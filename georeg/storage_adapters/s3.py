@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from georeg.errors import ConfigError
+from georeg.storage_adapters.base import listed_md5
 from georeg.storage_adapters.object_store import ObjectStoreAdapter
 from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, public_url
 
@@ -122,12 +123,13 @@ class S3Adapter(ObjectStoreAdapter):
         with client.get_object(Bucket=self.bucket, Key=key)["Body"] as body:
             return bytes(body.read())
 
-    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int]]:
+    def _list(self, client: Any, prefix: str) -> Iterator[tuple[str, int, str | None]]:
         paginator = client.get_paginator("list_objects_v2")
         paging = {"PageSize": self.list_page}
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig=paging):
             for item in page.get("Contents", ()):
-                yield item["Key"], int(item["Size"])
+                # A single PUT's ETag is its MD5; a multipart upload's has a "-<parts>" suffix and is not.
+                yield item["Key"], int(item["Size"]), listed_md5(item.get("ETag"))
 
     def _is_absent(self, error: Exception) -> bool:
         from botocore.exceptions import ClientError

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from georeg.errors import ConfigError
-from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure
+from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure, listed_md5
 from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, public_url
 
 PARAMETERS = {
@@ -140,6 +140,17 @@ class SwiftAdapter:
         return None if answer is None else bytes(answer[1])
 
     def list_objects(self, directory: str) -> Iterator[tuple[str, int | None]]:
+        for name, listed in self._listing(directory):
+            # The registry's driver writes large objects as segments under a zero-byte manifest
+            # object: the listing shows 0 bytes, a HEAD the segments' total.
+            yield name, int(listed["bytes"]) or None
+
+    def list_checksums(self, directory: str) -> Iterator[tuple[str, str | None]]:
+        for name, listed in self._listing(directory):
+            # An object's hash is its MD5, but a large object's manifest's is not its contents'.
+            yield name, listed_md5(listed.get("hash")) if int(listed["bytes"]) else None
+
+    def _listing(self, directory: str) -> Iterator[tuple[str, dict[str, Any]]]:
         prefix = self.key(directory) + "/"
         start = len(self.key("")) + 1  # swift_key("") is "<prefix>/files", without its trailing '/'
         marker = ""
@@ -147,9 +158,7 @@ class SwiftAdapter:
             answer = self._call("LIST", prefix, functools.partial(self._listing_page, prefix, marker))
             page = [] if answer is None else answer[1]  # no container yet: the registry makes it on its first write
             for listed in page:
-                # The registry's driver writes large objects as segments under a zero-byte manifest
-                # object: the listing shows 0 bytes, a HEAD the segments' total.
-                yield listed["name"][start:], int(listed["bytes"]) or None
+                yield listed["name"][start:], listed
             if not page:
                 return
             marker = page[-1]["name"]

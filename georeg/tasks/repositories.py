@@ -8,13 +8,16 @@ and HEADs for what was already copied.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prefect import task
 
 from georeg import repository_sync, verification
 from georeg.config import ReplicationConfig
 from georeg.registry import RegistryClient
 from georeg.repository_groups import RepositoryGroup
-from georeg.storage_adapters import StorageAdapter
+from georeg.storage_adapters import StorageAdapter, TagLinks
+from georeg.tag_records import WrittenTags
 from georeg.tasks.retries import RETRYING
 
 
@@ -33,10 +36,22 @@ async def sync_repositories_task(
     settings: ReplicationConfig,
     dry_run: bool,
     shared_storage: StorageAdapter | None,
+    record_of: Callable[[str], WrittenTags | None] = lambda repository: None,
+    primary_links: TagLinks | None = None,
 ) -> int:
+    """`record_of` gives what georeg wrote to a repository of the secondary (a function, not a mapping:
+    Prefect would walk a mapping of every repository's record for each group's task)."""
+
     async def sync(repository: str) -> repository_sync.RepositorySync:
         return await repository_sync.sync_repository(
-            primary, secondary, repository, settings, dry_run=dry_run, shared_storage=shared_storage
+            primary,
+            secondary,
+            repository,
+            settings,
+            dry_run=dry_run,
+            shared_storage=shared_storage,
+            record=record_of(repository),
+            primary_links=primary_links,
         )
 
     return await group.run(sync)

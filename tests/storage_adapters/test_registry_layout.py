@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from georeg.storage_adapters import BlobInventory, blob_size, build_adapter, has_manifest_revision, tag_digest
+from georeg.storage_adapters import (
+    BlobInventory,
+    TagLinks,
+    blob_size,
+    build_adapter,
+    has_manifest_revision,
+    tag_digest,
+)
 from georeg.storage_adapters.base import blob_path
 from tests.support.emulators import MotoServer, SwiftNode
 from tests.support.images import Pusher, build_image, build_index
@@ -76,6 +83,31 @@ def test_tags_moved_and_indexes_are_seen(registry: RegistryProcess) -> None:
     assert tag_digest(adapter, "multi", "stable") == index.digest
     for manifest in (first, second, index):
         assert has_manifest_revision(adapter, "multi", manifest.digest)
+
+
+def test_the_tag_links_in_the_storage_are_what_the_registry_answers(registry: RegistryProcess) -> None:
+    first, second = build_image(layer_sizes=[100]), build_image(layer_sizes=[200])
+    with Pusher(registry.url) as pusher:
+        for tag in ("v1", "latest", "old"):
+            pusher.push_image("group/app", first, tag=tag)
+        pusher.push_image("group/app", second, tag="latest")  # moved: the link object is written again
+        pusher.push_image("group/app/sub", second, tag="v1")  # a name under another repository's
+        pusher.delete_manifest("group/app", first.digest)  # v1 and old go; the registry deletes their links
+        pusher.push_image("group/app", first, tag="v1")
+        heads = {
+            repo: {tag: pusher.head_manifest(repo, tag) for tag in pusher.tags(repo)}
+            for repo in ("group/app", "group/app/sub")
+        }
+    links = TagLinks(build_adapter(registry.config["storage"]))
+
+    read = {repo: links.tags(repo, {}) for repo in heads}
+    # Recorded as the registry answers: a listing with MD5s answers without reading a link.
+    again = {repo: links.tags(repo, digests) for repo, digests in heads.items()}
+
+    assert {repo: found.digests for repo, found in read.items() if found} == heads
+    assert {repo: found.digests for repo, found in again.items() if found} == heads
+    if registry.config["storage"].get("filesystem") is None:
+        assert all(found is not None and found.links_read == 0 for found in again.values())
 
 
 def test_the_registry_config_file_gives_the_same_adapter(registry: RegistryProcess) -> None:

@@ -8,6 +8,7 @@ what the adapter sent (method, path, signed or not).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ class OssStandIn:
         self.stop()
 
 
+def _etag(data: bytes) -> str:
+    """OSS's ETag of an object put in one request: the MD5 of its contents, in upper-case hex, quoted."""
+    return f'"{hashlib.md5(data).hexdigest().upper()}"'
+
+
 def _handler(store: OssStandIn) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -118,7 +124,7 @@ def _handler(store: OssStandIn) -> type[BaseHTTPRequestHandler]:
                 if bucket not in store.buckets:
                     return self._error(404, "NoSuchBucket", bucket, key)
                 store.buckets[bucket][key] = body
-            self._answer(200, headers={"ETag": f'"{uuid.uuid4().hex.upper()}"'})
+            self._answer(200, headers={"ETag": _etag(body)})
 
         def _object(self) -> None:
             bucket, key = self._start()
@@ -137,7 +143,7 @@ def _handler(store: OssStandIn) -> type[BaseHTTPRequestHandler]:
                 {
                     "Content-Type": "application/octet-stream",
                     "Content-Length": str(len(data)),
-                    "ETag": f'"{uuid.uuid4().hex.upper()}"',
+                    "ETag": _etag(data),
                     "Last-Modified": formatdate(usegmt=True),
                     "x-oss-object-type": "Normal",
                 },
@@ -148,15 +154,15 @@ def _handler(store: OssStandIn) -> type[BaseHTTPRequestHandler]:
             prefix, marker, limit = query.get("prefix", ""), query.get("marker", ""), int(query.get("max-keys", "100"))
             with store._lock:
                 objects = store.buckets.get(bucket)
-                listed = sorted((k, len(v)) for k, v in (objects or {}).items() if k.startswith(prefix) and k > marker)
+                listed = sorted((k, v) for k, v in (objects or {}).items() if k.startswith(prefix) and k > marker)
             if objects is None:
                 return self._error(404, "NoSuchBucket", bucket, "")
             page, truncated = listed[:limit], len(listed) > limit
             contents = "".join(
                 f"<Contents><Key>{escape(key)}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
-                f'<ETag>"{uuid.uuid4().hex.upper()}"</ETag><Type>Normal</Type><Size>{size}</Size>'
+                f"<ETag>{_etag(data)}</ETag><Type>Normal</Type><Size>{len(data)}</Size>"
                 "<StorageClass>Standard</StorageClass></Contents>"
-                for key, size in page
+                for key, data in page
             )
             body = (
                 f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult><Name>{bucket}</Name>'
