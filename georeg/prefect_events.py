@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
@@ -170,7 +171,9 @@ class RegistryEventFeed:
                     logger.warning("Prefect's event feed is behind: %d registry events not emitted", self.dropped)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._forward(), name="georeg-prefect-events")
+        # An empty context: Prefect attaches the run of the sender's context as a related resource, and
+        # registry events belong to no flow run, whichever run happens to start the feed.
+        self._task = asyncio.create_task(self._forward(), name="georeg-prefect-events", context=contextvars.Context())
 
     async def _forward(self) -> None:
         while True:
