@@ -44,7 +44,7 @@ NAMESPACE = "noop"
 LAYER_BYTES = 512
 RESYNC_SHARE = 0.01
 PUSH_THREADS = 4
-# What the issue asks at 10,000 x 10 (a reference, not asserted): ms per tag, and a 1% resync's extra s.
+# georeg's targets at 10,000 x 10 (a reference, not asserted): ms per tag, and a 1% resync's extra s.
 TARGET_STORAGE_MS, TARGET_HEADS_MS, TARGET_RESYNC_EXTRA_S = 0.5, 3.0, 20.0
 CASES = (
     ("HEADs, no record", "heads", False),
