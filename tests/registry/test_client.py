@@ -41,6 +41,7 @@ from tests.support.images import (
 )
 from tests.support.proxy import FaultProxy
 from tests.support.registry import RegistryProcess, free_port
+from tests.support.services import wait_until
 
 
 def make_client(url: str, *, name: str = "primary", **settings: object) -> RegistryClient:
@@ -490,15 +491,19 @@ async def test_requests_in_flight_to_a_registry_are_capped_across_clients_of_one
 
     missing = [sha256_digest(str(number).encode()) for number in range(40)]
     clients = [make_client(proxy.url, name="secondary", concurrency={"requests_per_registry": 3}) for _ in range(4)]
+    held = proxy.hold("/blobs/")  # every HEAD waits at the proxy: those that reach it are those in flight
     try:
-        answers = await asyncio.gather(
+        asking = asyncio.gather(
             *(clients[number % 4].blob_size(repo_name, digest) for number, digest in enumerate(missing))
         )
+        await asyncio.to_thread(wait_until, lambda: held.waiting >= 3, deadline=10, what="three HEADs at the proxy")
+        await asyncio.sleep(0.5)  # room for any more to arrive, which four clients of their own would send (12)
+        in_flight = held.waiting
+        held.release()
+        answers = await asking
     finally:
+        held.release()
         await asyncio.gather(*(client.aclose() for client in clients))
 
-    assert answers == [None] * 40
-    assert proxy.count("HEAD") == 40
-    # Four clients of their own would reach 12. The proxy counts a request until it has finished
-    # sending the answer, a moment after the client has it and starts the next: hence one more.
-    assert 3 <= proxy.max_concurrent <= 4
+    assert in_flight == 3
+    assert answers == [None] * 40 and proxy.count("HEAD") == 40
