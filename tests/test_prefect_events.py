@@ -60,7 +60,9 @@ async def test_the_feed_emits_each_accepted_registry_event_with_its_tag_digest_a
     }
     assert push["resource"]["georeg.reference.kind"] == "tag"
     assert push["id"] == str(prefect_event_id(pushed.event_id))  # a redelivery is the same Prefect event
-    assert related_roles(push) == {"primary": "georeg.registry.primary"}
+    # The primary is named; Prefect may add a flow run of the sending process's context besides, which
+    # in the full suite it has been seen to do, and which says nothing about georeg's event.
+    assert related_roles(push)["primary"] == "georeg.registry.primary"
     delete = by_name["georeg.registry.manifest.deleted"]
     assert delete["payload"]["digest"] == DIGEST and delete["payload"]["tag"] is None
     assert delete["resource"]["georeg.reference.kind"] == "digest"
