@@ -185,12 +185,15 @@ def uploads(proxy: FaultProxy) -> Uploads:
 # --- georeg --------------------------------------------------------------------------------------
 
 
-def write_georeg_config(path: Path, primary: dict[str, Any], secondary: dict[str, Any]) -> Path:
-    """A georeg.yaml with one secondary named `bench` and a state database next to it; default replication."""
+def write_georeg_config(
+    path: Path, primary: dict[str, Any], secondary: dict[str, Any], state_database: Path | None = None
+) -> Path:
+    """A georeg.yaml with one secondary named `bench` and a state database (default: next to it); default
+    replication."""
     config = {
         "primary": primary,
         "secondaries": [{"name": "bench", **secondary}],
-        "state": {"url": f"sqlite:///{path.with_suffix('.db')}"},
+        "state": {"url": f"sqlite:///{state_database or path.with_suffix('.db')}"},
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -1,7 +1,7 @@
 """Scale benchmark: georeg against a primary the size of a real one, written straight into its storage.
 
     python -m benchmarks.scale [--repos 2000] [--tags 10] [--wide 2] [--wide-tags 3000] [--index-every 20]
-                               [--change-percent 1] [--skopeo-tags 200] [--seed 0]
+                               [--change-percent 1] [--skopeo-tags 200] [--seed 0] [--prefilled]
                                [--prefect-database postgres|sqlite] [--workdir DIR] [--keep]
 
 The primary is written into a filesystem root in distribution's layout (tests/support/registry_layout.py:
@@ -10,13 +10,20 @@ names, --wide repositories of --wide-tags tags), and a real registry serves it. 
 secondary registry on filesystem storage and a Prefect server, in one run, the real `georeg` CLI:
 
   cold     `georeg backfill` into the empty secondary
-  noop     `georeg backfill` again, nothing changed
-  resync   `georeg backfill` after --change-percent of the tags were moved, added or deleted
+  noop     `georeg backfill` again, nothing changed, georeg given the primary's `storage:` block
+  noop-heads  the same without the storage block: the primary's tags are HEADed
+  resync   `georeg backfill` (storage given) after --change-percent of the tags were moved, added or deleted
   verify   `georeg verify`
 
+With --prefilled the secondary's root is written with the same content as the primary's before its
+registry starts, and the first phase is `first` instead of `cold`: a pass that finds every tag already
+there and writes georeg's records. That measures the no-op at 10,000 x 10 without the hours a cold
+copy of 100,000 tags takes on 2 cores.
+
 For each: wall time, milliseconds per tag, peak RSS of the georeg process, requests each registry
-answered (their access logs), Prefect flow and task runs created, the state database's size, failed
-repositories (`georeg status --json`) and tags that differ between the two storages afterwards.
+answered (their access logs) and the CPU seconds each registry process spent, Prefect flow and task
+runs created, the state database's size, failed repositories (`georeg status --json`) and tags that
+differ between the two storages afterwards.
 Then, for reference, `skopeo sync` copies a sample of the same tags into another empty registry.
 A table goes to stdout, every figure to benchmarks/results/scale.json. The full size to measure is
 `--repos 10000 --tags 10`.
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -56,7 +64,7 @@ from tests.support.images import Pusher
 from tests.support.registry import RegistryProcess
 from tests.support.registry_layout import Listing, Shape, mutate, read_tags, write_primary
 
-PHASES = ("cold", "noop", "resync", "verify")
+PHASES = ("cold", "first", "noop", "noop-heads", "resync", "verify")
 # One line per request in the registry's access log: `... "HEAD /v2/app1/blobs/sha256:... HTTP/1.1" 200 ...`.
 ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) ')
 # The registries' own log at warnings only: the access log stays, the per-request info lines go.
@@ -129,6 +137,12 @@ def storage_root(registry: RegistryProcess) -> Path:
     return Path(registry.config["storage"]["filesystem"]["rootdirectory"])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU a process has used, from /proc (fields 14 and 15 of its stat line)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def disk_kib(path: Path) -> int:
     done = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True)
     return int(done.stdout.split()[0])
@@ -157,25 +171,44 @@ class Scale:
             f"indexes, {self.layout.files} files) in {self.written_s:.1f} s",
             flush=True,
         )
+        secondary_storage = {"filesystem": {"rootdirectory": str(workdir / "secondary-root")}}
+        if arguments.prefilled:
+            write_primary(workdir / "secondary-root", self.shape)
+            print(f"wrote the same into the secondary's root in {time.monotonic() - started:.1f} s", flush=True)
         server = start_prefect_server(stack, workdir / "prefect-server", arguments.prefect_database)
         self.api_url = server.api_url
         storage = {"filesystem": {"rootdirectory": str(self.layout.root)}}
         self.primary = stack.enter_context(
             RegistryProcess(workdir / "primary", storage=storage, extra_config=QUIET_REGISTRY)
         )
-        self.secondary = stack.enter_context(RegistryProcess(workdir / "secondary", extra_config=QUIET_REGISTRY))
-        self.requests = {"primary": RequestLog(self.primary), "secondary": RequestLog(self.secondary)}
-        self.config = write_georeg_config(
-            workdir / "georeg.yaml", {"url": self.primary.url}, {"url": self.secondary.url}
+        self.secondary = stack.enter_context(
+            RegistryProcess(workdir / "secondary", storage=secondary_storage, extra_config=QUIET_REGISTRY)
         )
+        self.registries = {"primary": self.primary, "secondary": self.secondary}
+        self.requests = {side: RequestLog(registry) for side, registry in self.registries.items()}
+        # Both configs share one state database: `heads` only lacks the primary's storage block, so
+        # its tags are HEADed instead of read from the storage.
+        self.configs = {
+            "storage": write_georeg_config(
+                workdir / "georeg.yaml", {"url": self.primary.url, "storage": storage}, {"url": self.secondary.url}
+            ),
+            "heads": write_georeg_config(
+                workdir / "georeg-heads.yaml",
+                {"url": self.primary.url},
+                {"url": self.secondary.url},
+                state_database=workdir / "georeg.db",
+            ),
+        }
+        self.config = self.configs["storage"]
         self.env = prefect_env(workdir / "prefect-client", self.api_url)
 
-    def phase(self, name: str, *georeg_arguments: str) -> dict[str, Any]:
+    def phase(self, name: str, *georeg_arguments: str, primary_storage: bool = True) -> dict[str, Any]:
         """Run one georeg command and gather everything the table shows about it."""
         for log in self.requests.values():
             log.mark()
         flows_before, tasks_before = run_counts(self.api_url)
-        command = georeg_command(self.config, *georeg_arguments)
+        cpu_before = {side: cpu_seconds(registry.pid) for side, registry in self.registries.items()}
+        command = georeg_command(self.configs["storage" if primary_storage else "heads"], *georeg_arguments)
         timed = run_timed(
             command,
             env=self.env,
@@ -185,6 +218,9 @@ class Scale:
             timeout_s=PHASE_TIMEOUT_S,
         )
         requests = {side: log.since_mark() for side, log in self.requests.items()}
+        registry_cpu = {
+            side: round(cpu_seconds(registry.pid) - cpu_before[side], 1) for side, registry in self.registries.items()
+        }
         flows_after, tasks_after = run_counts(self.api_url)
         if requests["primary"]["total"] == 0:
             raise BenchmarkError(f"{name}: the primary's access log counted no request:\n{self.primary.log_tail()}")
@@ -195,6 +231,7 @@ class Scale:
             "ms_per_tag": round(1000 * timed.wall_s / self.layout.tag_count, 2),
             "peak_rss_mb": round(timed.peak_rss_mb, 1),
             "requests": requests,
+            "registry_cpu_s": registry_cpu,
             "flow_runs": flows_after - flows_before,
             "task_runs": tasks_after - tasks_before,
             "state_db_bytes": state_bytes(self.config.with_suffix(".db")),
@@ -252,7 +289,12 @@ class Scale:
 def measure(arguments: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         scale = Scale(arguments, workdir, stack)
-        phases = {"cold": scale.phase("cold", "backfill"), "noop": scale.phase("noop", "backfill")}
+        first = "first" if arguments.prefilled else "cold"
+        phases = {
+            first: scale.phase(first, "backfill", primary_storage=False),
+            "noop": scale.phase("noop", "backfill"),
+            "noop-heads": scale.phase("noop-heads", "backfill", primary_storage=False),
+        }
         changes = mutate(scale.layout, scale.shape, arguments.change_percent / 100)
         print(f"  changed {len(changes.moved)} tags, added {len(changes.added)}, deleted {len(changes.deleted)}")
         phases["resync"] = scale.phase("resync", "backfill")
@@ -304,18 +346,20 @@ def format_table(results: dict[str, Any]) -> str:
         f"Scale: {primary['repositories']} repositories ({parameters['wide']} of {parameters['wide_tags']} tags, the "
         f"rest of {parameters['tags']}), {primary['tags']} tags, {primary['indexes']} indexes; primary written in "
         f"{primary['written_s']:.0f} s ({primary['files']} files, {primary['primary_kib'] / 1024:.0f} MiB on disk)",
-        f"{'phase':<7} {'exit':>4} {'wall s':>8} {'ms/tag':>7} {'RSS MB':>7} {'flows':>5} {'tasks':>6} "
-        f"{'primary req':>11} {'5xx':>4} {'secondary req':>13} {'5xx':>4} {'state MB':>8} {'failed':>6} "
-        f"{'tags off':>8}",
+        f"{'phase':<10} {'exit':>4} {'wall s':>8} {'ms/tag':>7} {'RSS MB':>7} {'flows':>5} {'tasks':>6} "
+        f"{'primary req':>11} {'5xx':>4} {'secondary req':>13} {'5xx':>4} {'registry CPU s':>14} {'state MB':>8} "
+        f"{'failed':>6} {'tags off':>8}",
     ]
     for name, phase in results["phases"].items():
         primary_requests, secondary_requests = phase["requests"]["primary"], phase["requests"]["secondary"]
+        cpu = phase["registry_cpu_s"]
         lines.append(
-            f"{name:<7} {phase['exit_status']:>4} {phase['wall_s']:>8.1f} {phase['ms_per_tag']:>7.2f} "
+            f"{name:<10} {phase['exit_status']:>4} {phase['wall_s']:>8.1f} {phase['ms_per_tag']:>7.2f} "
             f"{phase['peak_rss_mb']:>7.0f} {phase['flow_runs']:>5} {phase['task_runs']:>6} "
             f"{primary_requests['total']:>11} {primary_requests['by_status'].get('5xx', 0):>4} "
             f"{secondary_requests['total']:>13} {secondary_requests['by_status'].get('5xx', 0):>4} "
-            f"{phase['state_db_bytes'] / MB:>8.2f} {phase['repositories_failed']:>6} {phase['differences']['tags']:>8}"
+            f"{cpu['primary']:>6.1f} / {cpu['secondary']:<5.1f} {phase['state_db_bytes'] / MB:>8.2f} "
+            f"{phase['repositories_failed']:>6} {phase['differences']['tags']:>8}"
         )
         lines += [f"        failed: {failure}" for failure in phase["failures"][:2]]
     changes, skopeo = results["changes"], results["skopeo"]
@@ -324,7 +368,7 @@ def format_table(results: dict[str, Any]) -> str:
         "ms/tag is over all the primary's tags",
         f"reference: `skopeo sync --all` of {skopeo['tags']} sampled tags into an empty registry: "
         f"{skopeo['wall_s']:.1f} s, {skopeo['ms_per_tag']:.1f} ms/tag (georeg cold: "
-        f"{results['phases']['cold']['ms_per_tag']:.1f} ms/tag)",
+        f"{results['phases'].get('cold', {}).get('ms_per_tag', float('nan')):.1f} ms/tag)",
     ]
     return "\n".join(lines)
 
@@ -340,6 +384,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skopeo-tags", type=int, default=200, help="tags skopeo copies for reference (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="the primary's content (default 0)")
     parser.add_argument("--workdir", help="where the scratch directory goes (default: the temporary directory)")
+    parser.add_argument(
+        "--prefilled",
+        action="store_true",
+        help="write the secondary with the primary's content first: a `first` pass instead of a cold copy",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, roots, state)")
     add_prefect_database_argument(parser)
     return parser

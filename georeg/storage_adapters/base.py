@@ -76,6 +76,18 @@ class StorageAdapter(Protocol):
         one that is not the contents' MD5 (a multipart upload's ETag)."""
         ...
 
+    def list_tag_links(self) -> Iterator[tuple[str, str | None]]:
+        """(path, MD5) as `list_checksums` gives them, for at least every tag's current link
+        (`repositories/<name>/_manifests/tags/<tag>/current/link`); other paths may come too and are the
+        caller's to skip. An object store lists the repositories directory (`tag_links_in_listing`); a
+        backend that can leave the rest unread does."""
+        ...
+
+
+def tag_links_in_listing(adapter: StorageAdapter) -> Iterator[tuple[str, str | None]]:
+    """`list_tag_links` for a backend that cannot skip: one listing of the repositories directory."""
+    return adapter.list_checksums(REPOSITORIES_DIRECTORY)
+
 
 def blob_path(digest: str) -> str:
     algorithm, hex_digest = validate_digest(digest).split(":", 1)

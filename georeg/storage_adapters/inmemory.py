@@ -41,3 +41,6 @@ class InMemoryAdapter:
 
     def list_checksums(self, directory: str) -> Iterator[tuple[str, str | None]]:
         return iter(())
+
+    def list_tag_links(self) -> Iterator[tuple[str, str | None]]:
+        return iter(())

@@ -67,6 +67,9 @@ class BlobInventory:
     def list_checksums(self, directory: str) -> Iterator[tuple[str, str | None]]:
         return self.storage.list_checksums(directory)
 
+    def list_tag_links(self) -> Iterator[tuple[str, str | None]]:
+        return self.storage.list_tag_links()
+
     def _listing(self) -> dict[str, int] | None:
         with self._lock:
             if self._failed:

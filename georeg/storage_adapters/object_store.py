@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, TypeVar
 
-from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure
+from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure, tag_links_in_listing
 from georeg.storage_adapters.params import (
     DriverParameters,
     directory_key,
@@ -82,6 +82,9 @@ class ObjectStoreAdapter(ABC):
     def list_checksums(self, directory: str) -> Iterator[tuple[str, str | None]]:
         for path, _size, md5 in self._listing(directory):
             yield path, md5
+
+    def list_tag_links(self) -> Iterator[tuple[str, str | None]]:
+        return tag_links_in_listing(self)
 
     def _listing(self, directory: str) -> Iterator[tuple[str, int, str | None]]:
         prefix = directory_key(self.root, directory)

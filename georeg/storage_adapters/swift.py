@@ -16,7 +16,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from georeg.errors import ConfigError
-from georeg.storage_adapters.base import StorageError, StorageLocation, backend_failure, listed_md5
+from georeg.storage_adapters.base import (
+    StorageError,
+    StorageLocation,
+    backend_failure,
+    listed_md5,
+    tag_links_in_listing,
+)
 from georeg.storage_adapters.params import DriverParameters, normalise_endpoint, public_url
 
 PARAMETERS = {
@@ -149,6 +155,9 @@ class SwiftAdapter:
         for name, listed in self._listing(directory):
             # An object's hash is its MD5, but a large object's manifest's is not its contents'.
             yield name, listed_md5(listed.get("hash")) if int(listed["bytes"]) else None
+
+    def list_tag_links(self) -> Iterator[tuple[str, str | None]]:
+        return tag_links_in_listing(self)
 
     def _listing(self, directory: str) -> Iterator[tuple[str, dict[str, Any]]]:
         prefix = self.key(directory) + "/"

@@ -126,6 +126,12 @@ class RegistryProcess:
         return f"{scheme}://127.0.0.1:{self._port}"
 
     @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("the registry is not running")
+        return self._process.pid
+
+    @property
     def log_path(self) -> Path:
         return self.workdir / "registry.log"
 
