@@ -70,6 +70,15 @@ class RepositoryGroup(Generic[R]):
             raise GroupUnfinished(worth_retrying)
         return len(self.results)
 
+    def outcomes(self, of_error: Callable[[str, GeoregError], R]) -> list[R]:
+        """What each repository came to, in the group's order: its result, or what `of_error` makes of
+        the error it ended in. A repository never reached (its task was cancelled) has neither."""
+        return [
+            self.results[name] if name in self.results else of_error(name, self.errors[name])
+            for name in self.names
+            if name in self.results or name in self.errors
+        ]
+
 
 async def in_groups(
     names: list[str],
@@ -77,17 +86,32 @@ async def in_groups(
     concurrency: int,
     run_group: Callable[[RepositoryGroup[R]], Awaitable[object]],
     *,
+    of_error: Callable[[str, GeoregError], R],
+    record: Callable[[R], Awaitable[None]] | None = None,
     finished: Callable[[], Awaitable[None]] | None = None,
-) -> list[RepositoryGroup[R]]:
-    """Split `names` into groups of `size` and run them, a few at once, `concurrency` repositories at
-    once in all. A group whose task gave up (GroupUnfinished after its retries) keeps its errors."""
+) -> list[R]:
+    """Split `names` into groups of `size` and run each (`run_group`, a task that calls `group.run`), a
+    few at once, `concurrency` repositories at once in all. Returns what every repository came to, and
+    hands each to `record` as its group ends, even when the group's task gave up or failed."""
     room = asyncio.Semaphore(concurrency)
     groups = [RepositoryGroup[R](names[start : start + size], room, finished) for start in range(0, len(names), size)]
     gate = asyncio.Semaphore(GROUPS_AT_ONCE)
+    outcomes: list[R] = []
 
     async def one(group: RepositoryGroup[R]) -> None:
-        with contextlib.suppress(GroupUnfinished):  # what each repository came to is in the group
-            await bounded(gate, run_group(group))
+        try:
+            with contextlib.suppress(GroupUnfinished):  # what each repository came to is in the group
+                await bounded(gate, run_group(group))
+        finally:
+            came_to = group.outcomes(of_error)
+            outcomes.extend(came_to)
+            for outcome in came_to:
+                if record is not None:
+                    await record(outcome)
 
-    await asyncio.gather(*(one(group) for group in groups))
-    return groups
+    # Every group comes to its end (and is recorded) before a failure of one is raised.
+    ended = await asyncio.gather(*(one(group) for group in groups), return_exceptions=True)
+    for failure in ended:
+        if isinstance(failure, BaseException):
+            raise failure
+    return outcomes

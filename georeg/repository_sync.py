@@ -31,7 +31,6 @@ from georeg.errors import GeoregError, NotFound
 from georeg.references import ImageReference
 from georeg.registry import RegistryClient
 from georeg.replication import replicate
-from georeg.repository_groups import RepositoryGroup
 from georeg.storage_adapters import StorageAdapter, TagLinks
 from georeg.tag_records import WrittenTags
 
@@ -278,18 +277,11 @@ async def _sync(
             result.written.pop(tag, None)
 
 
-def group_results(group: RepositoryGroup[RepositorySync]) -> list[RepositorySync]:
-    """What each repository of a group came to, those that could not even be listed included."""
-    found = []
-    for name in group.names:
-        if name in group.results:
-            found.append(group.results[name])
-        elif (error := group.errors.get(name)) is not None:
-            if isinstance(error, RepositorySyncFailed):
-                found.append(error.result)
-            else:
-                found.append(RepositorySync(name, failed={"*": str(error)}, transient=error.worth_retrying))
-    return found
+def failed_sync(repository: str, error: GeoregError) -> RepositorySync:
+    """What a repository whose sync ended in `error` came to, one that could not even be listed included."""
+    if isinstance(error, RepositorySyncFailed):
+        return error.result
+    return RepositorySync(repository, failed={"*": str(error)}, transient=error.worth_retrying)
 
 
 _ROWS_SHOWN = {"failed": 50, "slowest": 20}

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from georeg.concurrency import bounded
 from georeg.config import ReplicationConfig
+from georeg.errors import GeoregError
 from georeg.registry import Descriptor, RegistryClient
-from georeg.repository_groups import RepositoryGroup
 from georeg.repository_sync import tag_digests, tags_checksum
 
 _SHOWN = 5  # differences named in a failure message; the rest are counted
@@ -64,15 +64,9 @@ async def verify_repository(
     return result
 
 
-def group_results(group: RepositoryGroup[RepositoryVerification]) -> list[RepositoryVerification]:
-    """What each repository of a group came to; one that could not be checked counts as not verified."""
-    found = []
-    for name in group.names:
-        if name in group.results:
-            found.append(group.results[name])
-        elif (error := group.errors.get(name)) is not None:
-            found.append(RepositoryVerification(name, "", "", problems=[f"could not be checked: {error}"]))
-    return found
+def failed_verification(repository: str, error: GeoregError) -> RepositoryVerification:
+    """A repository that could not be checked counts as not verified."""
+    return RepositoryVerification(repository, "", "", problems=[f"could not be checked: {error}"])
 
 
 _ROWS_SHOWN = 50

@@ -207,13 +207,7 @@ async def test_verify_and_backfill_publish_the_dashboard_the_ui_renders(
         for repository in repositories:
             pusher.push_image(repository, build_image("oci", layer_sizes=[256]), "v1")
     with FaultProxy(registry_pair.secondary.url) as secondary_proxy:
-        secondary_proxy.add_fault(
-            "PUT",
-            rf"/v2/{victim}/manifests/v1$",
-            status=400,
-            times=1000,
-            body=b'{"errors":[{"code":"MANIFEST_INVALID","message":"refused for the test"}]}',
-        )
+        secondary_proxy.refuse_manifest(victim, "v1")
         config = write_config(
             registry_pair.primary.url,
             secondary_proxy.url,

@@ -49,15 +49,48 @@ async def test_groups_share_one_bound_on_repositories_at_once():
         in_flight -= 1
         return name
 
+    sizes: list[int] = []
+
     async def run(group: RepositoryGroup[str]) -> None:
+        sizes.append(len(group.names))
         await group.run(work)
 
     names = [f"r{number:02}" for number in range(40)]
-    groups = await in_groups(names, 7, 4, run)
+    outcomes = await in_groups(names, 7, 4, run, of_error=lambda name, error: f"{name} failed")
 
-    assert [len(group.names) for group in groups] == [7, 7, 7, 7, 7, 5]
-    assert sorted(name for group in groups for name in group.results) == names
+    assert sorted(sizes) == [5, 7, 7, 7, 7, 7]
+    assert sorted(outcomes) == names
     assert peak == 4
+
+
+async def test_every_repository_is_recorded_even_when_its_groups_task_gives_up_or_fails():
+    async def work(name: str) -> str:
+        if name.startswith("flaky"):
+            raise TransientRegistryError("503")
+        return f"{name} done"
+
+    async def run(group: RepositoryGroup[str]) -> None:
+        if "boom" in group.names:  # the task fails before it reaches a single repository
+            raise RuntimeError("the task itself failed")
+        await group.run(work)  # raises GroupUnfinished for the flaky group: its task gives up
+
+    recorded: list[str] = []
+
+    async def record(outcome: str) -> None:
+        recorded.append(outcome)
+
+    with pytest.raises(RuntimeError, match="the task itself failed"):
+        await in_groups(
+            ["a", "b", "flaky-1", "c", "boom", "d"],
+            2,
+            4,
+            run,
+            of_error=lambda name, error: f"{name}: {error}",
+            record=record,
+        )
+
+    # The failed task's group (boom, d) reached no repository: nothing is claimed for either.
+    assert sorted(recorded) == ["a done", "b done", "c done", "flaky-1: 503"]
 
 
 def test_the_report_lists_failures_then_the_slowest_not_every_repository():

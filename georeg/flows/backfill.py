@@ -29,7 +29,7 @@ from georeg.prefect_events import emit_backfill
 from georeg.progress import Progress, artifact_key
 from georeg.registry import RegistryClient
 from georeg.repository_groups import RepositoryGroup, in_groups
-from georeg.repository_sync import RepositorySync, group_results, report_rows, summarise
+from georeg.repository_sync import RepositorySync, failed_sync, report_rows, summarise
 from georeg.sharing import ModeDecision, decide_mode
 from georeg.state import StateStore
 from georeg.state.sync import STARTED, SyncRecorder
@@ -163,7 +163,6 @@ async def _sync_repositories(
     links = _primary_tag_links(config) if copying else None
     sync_group = with_retry_settings(sync_repositories_task, settings)
     now, recheck_seconds = time.time(), config.backfill.recheck_days * 86400
-    results: list[RepositorySync] = []
 
     def record_of(repository: str) -> WrittenTags | None:
         return written_tags(repository, stored.get(repository), now, recheck_seconds)
@@ -180,20 +179,16 @@ async def _sync_repositories(
         await recorder.synced(result.repository, columns)
 
     async def sync(group: RepositoryGroup[RepositorySync]) -> None:
-        try:
-            await sync_group(primary, target, group, settings, dry_run, mode.storage, record_of, links)
-        finally:  # what the group came to is recorded even when its task gave up
-            outcomes = group_results(group)
-            results.extend(outcomes)
-            for result in outcomes:
-                await record(result)
+        await sync_group(primary, target, group, settings, dry_run, mode.storage, record_of, links)
 
     try:
-        await in_groups(
+        results = await in_groups(
             repositories,
             config.backfill.repositories_per_task,
             settings.concurrency.repositories,
             sync,
+            of_error=failed_sync,
+            record=record,
             finished=progress.advance,
         )
     finally:

@@ -18,7 +18,7 @@ from georeg.repository_groups import RepositoryGroup, in_groups
 from georeg.state import StateStore
 from georeg.tasks.repositories import list_repositories_task, verify_repositories_task
 from georeg.tasks.retries import with_retry_settings
-from georeg.verification import RepositoryVerification, group_results, report_rows
+from georeg.verification import RepositoryVerification, failed_verification, report_rows
 
 
 @flow(name="verify", flow_run_name=run_name("verify"))
@@ -60,22 +60,20 @@ async def _verify_secondary(
     progress = Progress(artifact_key("verify", target.name), f"Verification of {target.name}", len(repositories))
     await progress.start()
     check_group = with_retry_settings(verify_repositories_task, settings)
-    results: list[RepositoryVerification] = []
 
     async def check(group: RepositoryGroup[RepositoryVerification]) -> None:
-        try:
-            await check_group(primary, target, group, settings, deep)
-        finally:  # what the group came to is recorded even when its task gave up
-            outcomes = group_results(group)
-            results.extend(outcomes)
-            for result in outcomes:
-                await store.sync.repository_verified(target.name, result.repository, result.failure())
+        await check_group(primary, target, group, settings, deep)
 
-    await in_groups(
+    async def record(result: RepositoryVerification) -> None:
+        await store.sync.repository_verified(target.name, result.repository, result.failure())
+
+    results = await in_groups(
         repositories,
         config.backfill.repositories_per_task,
         settings.concurrency.repositories,
         check,
+        of_error=failed_verification,
+        record=record,
         finished=progress.advance,
     )
     mismatched = [result for result in results if not result.ok]

@@ -141,13 +141,7 @@ async def test_one_uncopyable_tag_fails_its_repository_by_name_and_is_retried(fr
     repositories = populate(pair, count=4)
     victim = sorted(repositories)[0]
     with FaultProxy(pair.secondary.url) as secondary_proxy:
-        secondary_proxy.add_fault(
-            "PUT",
-            rf"/v2/{victim}/manifests/v1$",
-            status=400,
-            times=1000,
-            body=b'{"errors":[{"code":"MANIFEST_INVALID","message":"refused for the test"}]}',
-        )
+        secondary_proxy.refuse_manifest(victim, "v1")
         config = write_config(
             pair.primary.url, secondary_proxy.url, replication={"retry_backoff_base_seconds": 0, "task_retries": 0}
         )

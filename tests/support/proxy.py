@@ -164,6 +164,16 @@ class FaultProxy:
         with self._lock:
             self._faults.append(fault)
 
+    def refuse_manifest(self, repository: str, tag: str) -> None:
+        """Refuse every PUT of `repository:tag`'s manifest as invalid: a permanent failure of that one tag."""
+        self.add_fault(
+            "PUT",
+            rf"/v2/{re.escape(repository)}/manifests/{re.escape(tag)}$",
+            status=400,
+            times=1_000,
+            body=b'{"errors":[{"code":"MANIFEST_INVALID","message":"refused for the test"}]}',
+        )
+
     def hold(self, path_regex: str) -> Hold:
         """Hold requests whose path matches (re.search) until the returned Hold is released: a registry
         that is slow to answer, for as long as a test needs. Stopping the proxy releases every hold."""
