@@ -1,7 +1,7 @@
 """Scale benchmark: georeg against a primary the size of a real one, written straight into its storage.
 
     python -m benchmarks.scale [--repos 2000] [--tags 10] [--wide 2] [--wide-tags 3000] [--index-every 20]
-                               [--change-percent 1] [--skopeo-tags 200] [--seed 0] [--prefilled]
+                               [--change-percent 1] [--skopeo-tags 200] [--seed 0] [--prefilled] [--skip PHASES]
                                [--prefect-database postgres|sqlite] [--workdir DIR] [--keep]
 
 The primary is written into a filesystem root in distribution's layout (tests/support/registry_layout.py:
@@ -65,6 +65,7 @@ from tests.support.registry import RegistryProcess
 from tests.support.registry_layout import Listing, Shape, mutate, read_tags, write_primary
 
 PHASES = ("cold", "first", "noop", "noop-heads", "resync", "verify")
+SKIPPABLE = PHASES[2:]
 # One line per request in the registry's access log: `... "HEAD /v2/app1/blobs/sha256:... HTTP/1.1" 200 ...`.
 ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) ')
 # The registries' own log at warnings only: the access log stays, the per-request info lines go.
@@ -290,15 +291,17 @@ def measure(arguments: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         scale = Scale(arguments, workdir, stack)
         first = "first" if arguments.prefilled else "cold"
-        phases = {
-            first: scale.phase(first, "backfill", primary_storage=False),
-            "noop": scale.phase("noop", "backfill"),
-            "noop-heads": scale.phase("noop-heads", "backfill", primary_storage=False),
-        }
+        phases = {first: scale.phase(first, "backfill", primary_storage=False)}  # every later phase needs it
+        if "noop" not in arguments.skip:
+            phases["noop"] = scale.phase("noop", "backfill")
+        if "noop-heads" not in arguments.skip:
+            phases["noop-heads"] = scale.phase("noop-heads", "backfill", primary_storage=False)
         changes = mutate(scale.layout, scale.shape, arguments.change_percent / 100)
         print(f"  changed {len(changes.moved)} tags, added {len(changes.added)}, deleted {len(changes.deleted)}")
-        phases["resync"] = scale.phase("resync", "backfill")
-        phases["verify"] = scale.phase("verify", "verify")
+        if "resync" not in arguments.skip:
+            phases["resync"] = scale.phase("resync", "backfill")
+        if "verify" not in arguments.skip:
+            phases["verify"] = scale.phase("verify", "verify")
         reference = scale.skopeo_reference()
         sizes = {"primary_kib": disk_kib(scale.layout.root), "secondary_kib": disk_kib(storage_root(scale.secondary))}
     layout = scale.layout
@@ -389,6 +392,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the secondary with the primary's content first: a `first` pass instead of a cold copy",
     )
+    parser.add_argument(
+        "--skip",
+        type=lambda value: [phase for phase in value.split(",") if phase],
+        default=[],
+        help=f"phases left out, comma-separated, of {', '.join(SKIPPABLE)} (the first pass always runs)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, roots, state)")
     add_prefect_database_argument(parser)
     return parser
@@ -400,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--repos, --tags and --skopeo-tags must be at least 1, and --wide at most --repos")
     if not 0 < arguments.change_percent <= 100:
         raise SystemExit("--change-percent must be above 0 and at most 100")
+    if unknown := set(arguments.skip) - set(SKIPPABLE):
+        raise SystemExit(f"--skip: no phase {', '.join(sorted(unknown))}; phases: {', '.join(SKIPPABLE)}")
     for tool in (SKOPEO, BIN / "georeg"):
         if not tool.is_file():
             raise SystemExit(f"{tool} is missing")

@@ -34,8 +34,6 @@ from georeg.replication import replicate
 from georeg.storage_adapters import StorageAdapter, TagLinks
 from georeg.tag_records import WrittenTags
 
-_HEADS_IN_FLIGHT = 16
-
 
 async def list_repositories(
     primary: RegistryClient, secondary: RegistryClient, settings: ReplicationConfig, *, shared: bool = False
@@ -53,16 +51,9 @@ async def list_repositories(
 
 async def tag_digests(client: RegistryClient, repository: str, settings: ReplicationConfig) -> dict[str, str]:
     """tag -> digest for the wanted tags of `repository` (empty if the repository does not exist)."""
-    return await head_digests(
-        client, repository, [tag for tag in await client.tags(repository) if settings.tags.wants(tag)]
+    return await client.manifest_digests(
+        repository, [tag for tag in await client.tags(repository) if settings.tags.wants(tag)]
     )
-
-
-async def head_digests(client: RegistryClient, repository: str, tags: list[str]) -> dict[str, str]:
-    """tag -> digest for these tags of `repository`, leaving out those it does not have."""
-    room = asyncio.Semaphore(_HEADS_IN_FLIGHT)
-    heads = await asyncio.gather(*(bounded(room, client.head_manifest(repository, tag)) for tag in tags))
-    return {tag: head.digest for tag, head in zip(tags, heads, strict=True) if head is not None}
 
 
 async def _present(
@@ -71,7 +62,7 @@ async def _present(
     """The secondary's tag -> digest: the record when it is trusted, else a HEAD per listed tag."""
     if trusted_record is not None:
         return dict(trusted_record)
-    return await head_digests(secondary, repository, listed)
+    return await secondary.manifest_digests(repository, listed)
 
 
 async def _nothing() -> None:
@@ -208,14 +199,14 @@ async def _sync(
             wanted = {tag: digest for tag, digest in from_storage.digests.items() if settings.tags.wants(tag)}
             unsure = [tag for tag in from_storage.unsure if settings.tags.wants(tag)]
             wanted_from_registry, present = await asyncio.gather(
-                head_digests(primary, repository, unsure),
+                primary.manifest_digests(repository, unsure),
                 _present(secondary, repository, listed_on_secondary, recorded if trusted else None),
             )
             wanted.update(wanted_from_registry)
         else:
             wanted_tags = [tag for tag in await primary.tags(repository) if settings.tags.wants(tag)]
             wanted, present = await asyncio.gather(
-                head_digests(primary, repository, [] if fresh else wanted_tags),
+                primary.manifest_digests(repository, [] if fresh else wanted_tags),
                 _present(secondary, repository, listed_on_secondary, recorded if trusted else None),
             )
             if fresh:
@@ -264,7 +255,11 @@ async def _sync(
     result.confirmed.sort()
     for tag in to_remove:
         try:
-            deletion = await converge_deletion(primary, secondary, ImageReference(repository, tag))
+            # What the secondary holds as far as this pass knows (copies included): only tags at the
+            # removed digest, or not known, are asked whether they must be put back.
+            deletion = await converge_deletion(
+                primary, secondary, ImageReference(repository, tag), known=result.written
+            )
         except GeoregError as error:
             _record_failure(result, tag, error)
             continue

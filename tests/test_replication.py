@@ -219,6 +219,33 @@ async def test_deleting_one_tag_keeps_the_other_tags_of_its_digest(registry_pair
         assert check.head_manifest(repo_name, "keep") == image.digest
 
 
+async def test_deleting_a_tag_of_a_wide_repository_asks_only_the_tags_that_may_share_its_digest(
+    registry_pair, clients, secondary_proxy, repo_name
+):
+    shared, others = build_image("docker"), [build_image("oci", layer_sizes=[64]) for _ in range(30)]
+    with Pusher(registry_pair.secondary.url) as pusher:  # the secondary as a backfill left it
+        for tag in ("keep", "drop"):
+            pusher.push_image(repo_name, shared, tag)
+        for number, image in enumerate(others):
+            pusher.push_image(repo_name, image, f"other-{number}")
+    with Pusher(registry_pair.primary.url) as pusher:  # the primary has "keep" and not "drop"
+        pusher.push_image(repo_name, shared, "keep")
+    known = {"keep": shared.digest, "drop": shared.digest} | {
+        f"other-{number}": image.digest for number, image in enumerate(others)
+    }
+    primary, secondary = clients
+    secondary_proxy.clear()
+
+    deletion = await converge_deletion(primary, secondary, ImageReference(repo_name, "drop"), known=known)
+
+    assert deletion.outcome is DeletionOutcome.REMOVED and deletion.restored_tags == ("keep",)
+    # The tag itself, then "keep", the one other tag at its digest: none of the 30 others.
+    assert secondary_proxy.count("HEAD", "/manifests/") == 2
+    with Pusher(registry_pair.secondary.url) as check:
+        assert sorted(check.tags(repo_name)) == sorted(set(known) - {"drop"})
+        assert check.head_manifest(repo_name, "keep") == shared.digest
+
+
 async def test_deletion_leaves_what_the_primary_still_has(registry_pair, clients, repo_name):
     image = build_image("oci")
     push(registry_pair, repo_name, image, "v1")

@@ -44,6 +44,7 @@ logger = logging.getLogger("georeg.registry")
 _NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _MAX_RETRY_AFTER = 120.0
 _CATALOG_PAGE = 1000  # the registry refuses n > 1000
+_HEADS_IN_FLIGHT = 16  # a repository's tags HEADed at once (requests_per_registry caps them all)
 
 
 @dataclass
@@ -160,6 +161,18 @@ class RegistryClient:
 
     async def delete_manifest(self, repository: str, digest: str) -> None:
         await self._request("DELETE", f"/v2/{repository}/manifests/{digest}", expected={202})
+
+    async def manifest_digests(self, repository: str, references: list[str]) -> dict[str, str]:
+        """reference -> digest for these tags (or digests) of `repository`, a HEAD each, a few at once;
+        those the registry does not have are left out."""
+        room = asyncio.Semaphore(_HEADS_IN_FLIGHT)
+
+        async def head(reference: str) -> Descriptor | None:
+            async with room:
+                return await self.head_manifest(repository, reference)
+
+        heads = await asyncio.gather(*(head(reference) for reference in references))
+        return {reference: found.digest for reference, found in zip(references, heads, strict=True) if found}
 
     async def tags(self, repository: str) -> list[str]:
         """Every tag of a repository ([] if it does not exist), following Link pagination."""
