@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("georeg.backfill")
 _POLL_SECONDS = 1.0
+_STARTING_SECONDS = 60.0  # the least time a batch may stay Pending before its worker counts as dead
 BATCH_RUN = "backfill-batch"  # the kind of run record a batch leaves
 
 
@@ -93,7 +94,9 @@ async def _batch_outcome(store: StateStore, flow_run_id: UUID, settings: Backfil
 
     A worker killed with its machine leaves its flow run Running (or Pending) in Prefect for ever. A batch
     renews its lease while it runs: one that has been Running for `lease_seconds` without a live lease
-    has lost its worker. So has one still not finished after `batch_timeout_seconds`.
+    has lost its worker. A worker takes a few seconds from Pending to Running (it starts the run's
+    process): one still Pending after `lease_seconds`, and at least a minute, died before it ran. So
+    has one still not finished after `batch_timeout_seconds`.
     """
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
@@ -106,11 +109,14 @@ async def _batch_outcome(store: StateStore, flow_run_id: UUID, settings: Backfil
             if state is None or state.is_final():
                 break
             why = None
+            in_state = time.time() - state.timestamp.timestamp()
             if time.time() > deadline:
                 why = f"it did not finish within backfill.batch_timeout_seconds ({settings.batch_timeout_seconds:g} s)"
+            elif state.is_pending() and in_state > max(settings.lease_seconds, _STARTING_SECONDS):
+                why = f"it was still starting after {in_state:.0f} s: its worker died before it ran"
             elif (
-                state.is_running()  # a worker that died before Running is caught by the timeout only
-                and time.time() - state.timestamp.timestamp() > settings.lease_seconds
+                state.is_running()
+                and in_state > settings.lease_seconds
                 and await store.leases.holder(batch_lease(str(flow_run_id))) is None
             ):
                 why = f"its worker stopped renewing its lease for {settings.lease_seconds:g} s: it died"

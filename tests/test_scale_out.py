@@ -255,9 +255,13 @@ def test_a_worker_killed_mid_copy_loses_nothing(cluster: Cluster):
         victim = wait_for_a_batch_mid_copy(cluster, deadline=240)
         victim.kill_with_descendants()  # the worker and its flow runs, as when its machine dies
         assert backfill.process is not None
-        backfill.process.wait(timeout=600)
+        try:
+            backfill.process.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the backfill did not end within 600 s of the kill; its flow runs: {describe_runs(cluster)}")
     finally:
         backfill.stop()
+        cancel_unfinished_runs(cluster)  # a backfill still waiting must not hold the next test's lease
         if victim is not None:
             victim.start()
     output = backfill.log_path.read_text()
@@ -295,6 +299,31 @@ def wait_for_a_batch_mid_copy(cluster: Cluster, deadline: float) -> PrefectWorke
 
     wait_until(mid_copy, deadline=deadline, what="a batch flow run copying on a worker of its own", interval=0.2)
     return found[-1]
+
+
+def describe_runs(cluster: Cluster) -> str:
+    runs = flow_runs(cluster, "backfill", "backfill-batch")
+    return "; ".join(
+        f"{run.name} {run.state.type.value if run.state else '-'} {run.state.timestamp if run.state else ''} "
+        f"{(run.state.message or '') if run.state else ''}".strip()
+        for run in runs
+    )
+
+
+def cancel_unfinished_runs(cluster: Cluster) -> None:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.states import Cancelling
+
+    unfinished = [
+        run.id for run in flow_runs(cluster, "backfill", "backfill-batch") if run.state and not run.state.is_final()
+    ]
+
+    async def cancel() -> None:
+        async with PrefectClient(cluster.server.api_url) as client:
+            for run_id in unfinished:
+                await client.set_flow_run_state(run_id, Cancelling(), force=True)
+
+    asyncio.run(cancel())
 
 
 def flow_runs(cluster: Cluster, *flows: str) -> list[Any]:
@@ -345,3 +374,42 @@ async def _every(read: Any, page: int = 200) -> list[Any]:
         if len(batch) < page:
             break
     return found
+
+
+def test_a_batch_whose_worker_died_before_it_ran_is_ended_as_crashed(cluster: Cluster, monkeypatch: pytest.MonkeyPatch):
+    """A worker killed between taking a batch (Pending) and starting it leaves the run Pending for ever:
+    the backfill must not wait for it until `batch_timeout_seconds`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Pending
+
+    from georeg import batches
+    from georeg.config import BackfillConfig
+
+    monkeypatch.setattr(batches, "_STARTING_SECONDS", 1.0)
+
+    async def orphan_and_wait() -> Any:
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name("backfill-batch/backfill-batch")
+            # Created Pending, as a worker leaves it: no worker takes a Pending run (they poll Scheduled).
+            orphan = await client.create_flow_run_from_deployment(
+                deployment.id,
+                parameters={"secondary": "secondary", "repositories": ["nowhere/app"], "dry_run": True},
+                state=Pending(),
+            )
+        store = StateStore(cluster.state_url)
+        try:
+            await store.ensure_schema()
+            started = asyncio.get_running_loop().time()
+            settings = BackfillConfig(lease_seconds=5, batch_timeout_seconds=90)  # without the check: 90 s
+            ended = await batches._batch_outcome(store, orphan.id, settings)
+            return ended, asyncio.get_running_loop().time() - started
+        finally:
+            await store.close()
+
+    with temporary_settings({PREFECT_API_URL: cluster.server.api_url}):
+        ended, waited = asyncio.run(orphan_and_wait())
+
+    assert ended.state.is_crashed()
+    assert ended.state.message.startswith("georeg: it was still starting after"), ended.state.message
+    assert waited < 60

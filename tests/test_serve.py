@@ -153,7 +153,9 @@ def test_a_delete_on_the_primary_reaches_the_secondary(site: Site, repo_name: st
 
 def test_a_burst_of_pushes_to_one_tag_is_coalesced(site: Site, repo_name: str):
     # Pushed while the receiver is down, the burst reaches it in one stream of redeliveries: the first
-    # event starts a run, and the 19 behind it can cause at most one more (they bump its work row).
+    # event starts a run, and the events that arrive while a run is in flight bump its work row, which
+    # then runs once more. Each run covers every push that arrived before it, so there are as many runs
+    # as the stream lasts runs, a few however slow the machine, never one per push.
     site.receiver.stop()
     images = [build_image("oci", layer_sizes=[100]) for _ in range(20)]
     with site.pusher() as pusher:
@@ -163,7 +165,7 @@ def test_a_burst_of_pushes_to_one_tag_is_coalesced(site: Site, repo_name: str):
 
     site.wait_replicated(repo_name, "hot", images[-1].digest)
     wait_until(lambda: site.journal_depth() == 0, deadline=60, what="the work to be done")
-    assert site.flow_runs_named(f"replicate {repo_name}:hot") in (1, 2)  # never one run per push
+    assert 1 <= site.flow_runs_named(f"replicate {repo_name}:hot") <= len(images) // 4
 
 
 def test_events_sent_while_the_receiver_is_down_arrive_after_it_restarts(site: Site, repo_name: str):
