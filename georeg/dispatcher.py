@@ -31,7 +31,7 @@ import httpx
 from georeg.config import DispatchConfig, GeoregConfig
 from georeg.errors import GeoregError
 from georeg.events import REPLICATE
-from georeg.prefect_client import SharedPrefectClient
+from georeg.prefect_client import SharedPrefectClient, retry_busy_server
 from georeg.state import Claim, StateStore
 
 logger = logging.getLogger("georeg.dispatcher")
@@ -112,7 +112,7 @@ class DeploymentFlowRuns:
             # A client of its own, not the shared one: a Prefect client that has connected once retries a
             # refused connection for about a minute, and an unreachable API must be noticed at once here
             # (the work goes back to the journal). Watching the run below can afford the retries.
-            async with get_client(httpx_settings=self._httpx_settings()) as client:
+            async with retry_busy_server(get_client(httpx_settings=self._httpx_settings())) as client:
                 try:
                     flow_run = await self._create_flow_run(client, deployment, claims)
                 except httpx.HTTPStatusError as error:

@@ -5,7 +5,62 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import Any
+
+import httpx
+
+from georeg.retries import backoff_delay
+
+
+class BusyServerRetries(httpx.AsyncBaseTransport):
+    """Sends a request again, within 50 ms, then 100 ms and so on, while the Prefect server answers 503.
+
+    A Prefect server on SQLite (its default database) answers 503 when two of its writes meet, and
+    Prefect's client then waits 2 s, 4 s, 8 s before it tries again: in a burst of pushes one flow
+    run's creation waited 14 s that way while the server was idle again after a fraction of a second
+    (benchmarks/burst.py). The refused write was rolled back, so sending it again is safe. After
+    these few quick tries the 503 reaches Prefect's client, whose own backoff then applies.
+    """
+
+    QUICK_TRIES = 5  # waits of 50 ms to 0.8 s: 1.5 s at most in all
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(1, self.QUICK_TRIES + 1):
+            response = await self._inner.handle_async_request(request)
+            if response.status_code != httpx.codes.SERVICE_UNAVAILABLE:
+                return response
+            await response.aclose()
+            await asyncio.sleep(backoff_delay(attempt, base=0.05, cap=0.8))
+        return await self._inner.handle_async_request(request)
+
+    async def __aenter__(self) -> BusyServerRetries:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self._inner.__aexit__(exc_type, exc_value, traceback)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def retry_busy_server(client: Any) -> Any:
+    """`client` (a PrefectClient, not yet entered) with `BusyServerRetries` around its transport.
+
+    httpx takes one transport per client and Prefect builds it (proxies, connection retries), so the
+    retries wrap the one it built rather than replacing it."""
+    http: httpx.AsyncClient = client._client
+    http._transport = BusyServerRetries(http._transport)
+    return client
 
 
 class SharedPrefectClient:
@@ -30,6 +85,7 @@ class SharedPrefectClient:
                 from prefect.context import AsyncClientContext
 
                 context = AsyncClientContext()
+                retry_busy_server(context.client)
                 await context.client.__aenter__()
                 self._context = context
             return self._context

@@ -17,6 +17,9 @@
     a whole repository that failed in a backfill  the next backfill, after its     for ever, at most once per
                                                   repository's retry_at            retry_backoff_cap_seconds
     a storage SDK call                            the SDK itself (3 attempts)      never again above it
+    a Prefect server's 503 (its SQLite was busy)  `georeg serve`'s Prefect client  5 quick tries (1.5 s in
+                                                  transport, then Prefect's own    all), then Prefect's
+                                                  client                          PREFECT_CLIENT_MAX_RETRIES
 
 A failure that one layer has retried until its budget ran out is marked `exhausted`; no layer above
 retries it again, so the layers never multiply.

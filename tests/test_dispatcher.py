@@ -174,3 +174,29 @@ async def test_shutdown_leaves_deployment_runs_to_their_workers(tmp_path: Path) 
         ]
     finally:
         await store.close()
+
+
+async def test_a_busy_prefect_servers_503_is_sent_again_at_once_not_after_prefects_seconds(prefect_api_url: str):
+    # A Prefect server on SQLite answers 503 when two writes meet; Prefect's own client would wait 2 s,
+    # then 4 s, before its third try.
+    import time
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.support.proxy import FaultProxy
+
+    with FaultProxy(prefect_api_url.removesuffix("/api")) as proxy:
+        proxy.add_fault("POST", r"^/api/flow_runs/$", status=503, times=2)
+        with temporary_settings({PREFECT_API_URL: f"{proxy.url}/api"}):
+            shared = SharedPrefectClient()
+            try:
+                async with shared.installed():
+                    started = time.monotonic()
+                    assert await trivial(3) == 3
+                    took = time.monotonic() - started
+            finally:
+                await shared.close()
+        created = [r.status for r in proxy.requests if r.method == "POST" and r.path == "/api/flow_runs/"]
+
+    assert created == [503, 503, 201]
+    assert took < 3.0, f"the flow run took {took:.1f} s: the 503s waited for Prefect's own backoff"
