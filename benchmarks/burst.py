@@ -21,8 +21,9 @@ For reference, `skopeo copy --all` then copies the same tags from the primary in
 
 Reported per case: seconds from the last push to the last image on the secondary; images per second
 over the whole burst (first push started -> all on the secondary); Prefect API requests, flow runs
-and task runs per image during the burst; lone-push latency p50 and p95. A table goes to stdout; the
-figures to benchmarks/results/burst.json.
+and task runs per image during the burst; lone-push latency p50 and p95; and, in the JSON, each of the
+burst's flow runs with its items and when it was created, started and ended, from the last push.
+A table goes to stdout; the figures to benchmarks/results/burst.json.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def wait_converged(site: Site, expected: dict[tuple[str, str], str]) -> float:
     with Pusher(site.secondary.url) as secondary:
         while missing:
             for key in list(missing):
-                if secondary.head_manifest(*key) == missing[key]:
+                if _serves(secondary, key) == missing[key]:
                     del missing[key]
             if not missing:
                 break
@@ -126,6 +127,17 @@ def wait_converged(site: Site, expected: dict[tuple[str, str], str]) -> float:
                 raise BenchmarkError(f"{len(missing)} images not on the secondary after {TIMEOUT_S:g} s\n{site.logs()}")
             time.sleep(POLL_S)
     return time.time()
+
+
+def _serves(secondary: Pusher, key: tuple[str, str]) -> str | None:
+    """The digest the secondary serves for (repository, tag); None while it answers 500, as registry 2.8
+    on filesystem storage does to a read that meets a tag link being rewritten (registry-facts)."""
+    try:
+        return secondary.head_manifest(*key)
+    except httpx.HTTPStatusError as error:
+        if error.response.status_code != httpx.codes.INTERNAL_SERVER_ERROR:
+            raise
+        return None
 
 
 def api_requests(site: Site) -> int:
@@ -136,6 +148,31 @@ def api_requests(site: Site) -> int:
 def runs_so_far(site: Site) -> tuple[int, int]:
     with httpx.Client(base_url=site.api_url, timeout=30) as api:
         return int(api.post("/flow_runs/count", json={}).json()), int(api.post("/task_runs/count", json={}).json())
+
+
+def run_timeline(site: Site, since: float, last_push: float) -> list[dict[str, Any]]:
+    """The flow runs created since `since` (wall clock), in order: their items and when each was created,
+    started and ended, in seconds from the last push. Where the time after the last push went."""
+    after = datetime.fromtimestamp(since, timezone.utc).isoformat()
+    body = {"flow_runs": {"expected_start_time": {"after_": after}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200}
+    with httpx.Client(base_url=site.api_url, timeout=30) as api:
+        runs = api.post("/flow_runs/filter", json=body).json()
+
+    def offset(stamp: str | None) -> float | None:
+        return None if stamp is None else round(datetime.fromisoformat(stamp).timestamp() - last_push, 2)
+
+    created_since = [run for run in runs if datetime.fromisoformat(run["created"]).timestamp() >= since]
+    return [
+        {
+            "name": run["name"],
+            "items": len(run["parameters"].get("items", [])) or 1,
+            "created": offset(run["created"]),
+            "started": offset(run["start_time"]),
+            "ended": offset(run["end_time"]),
+            "state": run["state_type"],
+        }
+        for run in created_since
+    ]
 
 
 def measure_case(case: str, arguments: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -161,6 +198,7 @@ def measure_case(case: str, arguments: argparse.Namespace, root: Path) -> dict[s
         converged = wait_converged(site, expected)
         time.sleep(1.0)  # the last runs' final state changes reach the server just after the copy
         flow_runs_after, task_runs_after = runs_so_far(site)
+        timeline = run_timeline(site, first_push, last_push)
         requests = api_requests(site) - requests_before
         load = os.getloadavg()[0]
         reference = skopeo_reference(site, root, expected, arguments.clients) if arguments.skopeo else None
@@ -177,6 +215,7 @@ def measure_case(case: str, arguments: argparse.Namespace, root: Path) -> dict[s
         "flow_runs": flow_runs_after - flow_runs_before,
         "failed_runs_log": site.failed_runs()[:3],
         "load_1m_at_end": round(load, 2),
+        "runs_from_last_push_s": timeline,
     }
     if reference is not None:
         result["skopeo_s"] = round(reference, 3)

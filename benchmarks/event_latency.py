@@ -63,7 +63,7 @@ POLL_S = 0.02
 TIMEOUT_S = 120.0
 SECRET = "benchmark-notification-secret"
 POOL = "georeg"
-WORKER_COMMAND = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL]
+WORKER_COMMAND = ["georeg", "worker", "--pool", POOL]  # as the README starts it (tests.support.services.PrefectWorker)
 QUERY_SECONDS = 0.25  # the worker's polling interval, as the README's production setup sets it
 WORKER_SETTINGS = {**PrefectWorker.SETTINGS, "PREFECT_WORKER_QUERY_SECONDS": str(QUERY_SECONDS)}
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "event_latency.json"
@@ -341,7 +341,7 @@ def settings(modes: list[str]) -> dict[str, Any]:
         "notification_endpoint": {k: v for k, v in notification_endpoint("").items() if k in ("timeout", "backoff")},
     }
     if set(modes) & set(WORKER_MODES):
-        used["worker"] = {"command": " ".join(WORKER_COMMAND[2:]), "pool_type": "process", "env": WORKER_SETTINGS}
+        used["worker"] = {"command": " ".join(WORKER_COMMAND), "pool_type": "process", "env": WORKER_SETTINGS}
     return used
 
 

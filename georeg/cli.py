@@ -93,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
 
+    worker = command(
+        "worker",
+        _worker,
+        "take flow runs of a process work pool, as `prefect worker start` does, with quick retries on a busy server",
+    )
+    worker.add_argument("--pool", default="georeg", help="the process work pool (default: georeg)")
+    worker.add_argument("--name", help="the worker's name (default: one Prefect makes up)")
+    worker.add_argument("--limit", type=int, help="flow runs at once (default: no limit)")
+
     warm = command(
         "warm-engine",
         _warm_engine,
@@ -113,6 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--type", choices=["rsa", "ec"], default="rsa", dest="key_type")
     _add_db_commands(commands)
     return parser
+
+
+def _worker(arguments: argparse.Namespace) -> int:
+    from georeg.worker import run_worker
+
+    if arguments.limit is not None and arguments.limit < 1:
+        raise ConfigError(f"--limit: must be 1 or more, not {arguments.limit}")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_worker(arguments.pool, name=arguments.name, limit=arguments.limit))
+    return 0
 
 
 def _warm_engine(arguments: argparse.Namespace) -> int:

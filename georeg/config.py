@@ -142,7 +142,7 @@ class DispatchConfig(_Strict):
         description="a deployment flow run not finished by then (its worker died) is ended as crashed and retried",
     )
     batch_size: int = Field(
-        default=10, ge=1, le=1000, description="items one flow run takes when more are due than runs are free"
+        default=25, ge=1, le=1000, description="items one flow run takes when more are due than runs are free"
     )
     digest_push_delay_seconds: float = Field(
         default=10.0,

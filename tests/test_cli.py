@@ -83,6 +83,8 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path: Path):
     assert georeg("delete", "app").returncode == 2  # a delete needs an explicit tag or digest
     assert "names no tag or digest" in georeg("delete", "app").stderr
     assert georeg("replicate", "Bad/Name:1").returncode == 2
+    no_runs = georeg("worker", "--limit", "0")  # before it asks Prefect anything
+    assert no_runs.returncode == 2 and "--limit" in no_runs.stderr
 
 
 def test_token_prints_a_jwt_the_registry_accepts_for_exactly_those_actions(
@@ -123,7 +125,7 @@ def test_keygen_writes_a_private_key_and_never_overwrites_it(tmp_path: Path):
     assert again.returncode == 2 and "never overwrites a key" in again.stderr
 
 
-@pytest.mark.parametrize("command", [["--help"], ["replicate", "--help"], ["token", "--help"]])
+@pytest.mark.parametrize("command", [["--help"], ["replicate", "--help"], ["token", "--help"], ["worker", "--help"]])
 def test_help_is_available(command: list[str]):
     done = georeg(*command)
     assert done.returncode == 0 and "usage: georeg" in done.stdout

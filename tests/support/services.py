@@ -261,8 +261,9 @@ class WarmEngine(BackgroundProcess):
 
 
 class PrefectWorker(BackgroundProcess):
-    """A `prefect worker` on the `georeg` pool that asks for work twice a second (the default is every 10 s);
-    `query_seconds` sets another interval (the latency benchmark uses the README's 0.25 s)."""
+    """A `georeg worker` (Prefect's process worker, as the README starts it) on the `georeg` pool that
+    asks for work twice a second (the default is every 10 s); `query_seconds` sets another interval (the
+    latency benchmark uses the README's 0.25 s)."""
 
     SETTINGS = {"PREFECT_WORKER_QUERY_SECONDS": "0.5", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
 
@@ -272,23 +273,12 @@ class PrefectWorker(BackgroundProcess):
         environment: dict[str, str],
         *,
         name: str = "georeg-worker",
+        pool: str = "georeg",
         limit: int = 4,
         warm_engine: WarmEngine | None = None,
         query_seconds: float | None = None,
     ):
-        command = [
-            sys.executable,
-            "-m",
-            "prefect",
-            "worker",
-            "start",
-            "--pool",
-            "georeg",
-            "--name",
-            name,
-            "--limit",
-            str(limit),
-        ]
+        command = [sys.executable, "-m", "georeg.cli", "worker", "--pool", pool, "--name", name, "--limit", str(limit)]
         settings = {**self.SETTINGS}
         if query_seconds is not None:
             settings["PREFECT_WORKER_QUERY_SECONDS"] = str(query_seconds)
