@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
@@ -55,7 +57,7 @@ class BlobLocations:
     def __init__(self, capacity: int = 100_000) -> None:
         self._capacity = capacity
         self._known: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._linked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._linked: OrderedDict[tuple[str, str, str], float] = OrderedDict()  # -> time.monotonic() seen
         # Per event loop: asyncio events cannot be shared between loops (tests run one per test).
         self._copying: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], asyncio.Event]] = (
             weakref.WeakKeyDictionary()
@@ -84,15 +86,16 @@ class BlobLocations:
     def remember(self, registry_url: str, digest: str, repository: str) -> None:
         self._known[(registry_url, digest)] = repository
         self._known.move_to_end((registry_url, digest))
-        self._linked[(registry_url, repository, digest)] = None
+        self._linked[(registry_url, repository, digest)] = time.monotonic()
         self._linked.move_to_end((registry_url, repository, digest))
         for entries in (self._known, self._linked):
             while len(entries) > self._capacity:
                 entries.popitem(last=False)
 
-    def linked(self, registry_url: str, repository: str, digest: str) -> bool:
-        """Whether this process has seen the blob linked in the repository (put it there, or found it)."""
-        return (registry_url, repository, digest) in self._linked
+    def linked(self, registry_url: str, repository: str, digest: str, *, since: float = -math.inf) -> bool:
+        """Whether this process has seen the blob linked in the repository (put it there, or found it),
+        at or after `since` (a `time.monotonic()`)."""
+        return self._linked.get((registry_url, repository, digest), -math.inf) >= since
 
     def find(self, registry_url: str, digest: str, *, other_than: str) -> str | None:
         repository = self._known.get((registry_url, digest))
@@ -110,19 +113,26 @@ async def copy_blob(
     blob: Descriptor,
     locations: BlobLocations = BLOB_LOCATIONS,
     *,
-    fresh_repository: bool = False,
+    listed_empty_at: float | None = None,
 ) -> BlobCopy:
     """Make `blob` present in `repository` on the secondary: skip, mount, or stream it across.
 
-    `fresh_repository` says the secondary listed no tag of the repository: then a small blob (one
-    PUT) is sent without a HEAD first, which would almost always answer 404. Should it be there after
-    all, the registry takes the same bytes again and nothing is wrong; a blob this process has put
-    in the repository itself is still asked for, so tags sharing layers do not send them twice."""
-    ask_first = (
-        not fresh_repository
-        or blob.size > secondary.settings.monolithic_max
-        or locations.linked(secondary.url, repository, blob.digest)
-    )
+    `listed_empty_at` is the `time.monotonic()` at which the secondary listed no tag of the repository,
+    if it did: then a small blob (one PUT) is sent without a HEAD first, which would almost always
+    answer 404. Should it be there after all, the registry takes the same bytes again and nothing is
+    wrong. A blob this process has linked into such a repository since is known to be there without
+    asking, as georeg only ever adds blob links: tags sharing layers sent 1 HEAD per tag of a cold
+    backfill otherwise (benchmarks/scale.py). A link seen before the listing is not trusted: the
+    registry's garbage collection may have emptied the repository in between."""
+
+    def linked_since_listed_empty() -> bool:
+        return listed_empty_at is not None and locations.linked(
+            secondary.url, repository, blob.digest, since=listed_empty_at
+        )
+
+    if linked_since_listed_empty():
+        return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
+    ask_first = listed_empty_at is None or blob.size > secondary.settings.monolithic_max
     if ask_first and await secondary.blob_size(repository, blob.digest) is not None:
         locations.remember(secondary.url, blob.digest, repository)
         return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
@@ -130,7 +140,7 @@ async def copy_blob(
     # blob: wait for it, then ask again, so that a blob shared by concurrent images travels once.
     # The loop ends only when no copy was under way, with no await since: this copy is the only one.
     while await locations.wait_for_copies(secondary.url, blob.digest):
-        if await secondary.blob_size(repository, blob.digest) is not None:
+        if linked_since_listed_empty() or await secondary.blob_size(repository, blob.digest) is not None:
             locations.remember(secondary.url, blob.digest, repository)
             return BlobCopy(blob.digest, BlobOutcome.PRESENT, 0, blob.size)
     with locations.copying(secondary.url, blob.digest):

@@ -108,15 +108,15 @@ async def replicate(
     settings: ReplicationConfig,
     *,
     shared_storage: StorageAdapter | None = None,
-    fresh_repository: bool = False,
+    listed_empty_at: float | None = None,
 ) -> ImageReplication:
     """The one procedure that makes an image on a secondary equal to the primary's, for the event flow
     and the backfill alike: resolve it on the primary, make every blob present, put the manifests
     children first and the reference last, and make sure the secondary serves the primary's digest.
 
     With `shared_storage` (the secondary's storage, which the primary shares), nothing is copied:
-    the image is confirmed instead. `fresh_repository`: the secondary listed no tag of the repository,
-    so its small blobs are sent without asking first whether it has them (see `copy_blob`).
+    the image is confirmed instead. `listed_empty_at`: when the secondary listed no tag of the repository,
+    if it did, so its small blobs are sent without asking first whether it has them (see `copy_blob`).
 
     Every request of the image draws its retries from one budget, `settings.retries_per_image`, so a
     registry that is down costs a bounded number of requests however many blobs the image has."""
@@ -127,7 +127,7 @@ async def replicate(
             copies = await confirm_shared(secondary, shared_storage, image)  # what verifying would ask, it asks
         else:
             copies = await copy_blobs(
-                primary, secondary, image, settings.concurrency.blobs_per_image, fresh_repository=fresh_repository
+                primary, secondary, image, settings.concurrency.blobs_per_image, listed_empty_at=listed_empty_at
             )
             if not await put_manifests(secondary, image):
                 await verify_replica(secondary, image)
@@ -178,12 +178,12 @@ async def copy_blobs(
     image: ResolvedImage,
     concurrency: int,
     *,
-    fresh_repository: bool = False,
+    listed_empty_at: float | None = None,
 ) -> list[BlobCopy]:
     room = asyncio.Semaphore(concurrency)
     repository = image.reference.repository
     return await all_or_nothing(
-        bounded(room, copy_blob(primary, secondary, repository, blob, fresh_repository=fresh_repository))
+        bounded(room, copy_blob(primary, secondary, repository, blob, listed_empty_at=listed_empty_at))
         for blob in image.blobs()
     )
 

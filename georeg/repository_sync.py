@@ -180,9 +180,10 @@ async def _sync(
         # Neither the secondary's listing nor HEADs would decide anything.
         wanted = dict.fromkeys((tag for tag in await primary.tags(repository) if settings.tags.wants(tag)), "")
         present: dict[str, str] = {}
-        fresh = False
+        listed_empty_at: float | None = None
     else:
         recorded = record.tags if record is not None else {}
+        listing_started = time.monotonic()
         from_storage, secondary_tags = await asyncio.gather(
             asyncio.to_thread(primary_links.tags, repository, recorded) if primary_links else _nothing(),
             secondary.tags(repository),
@@ -190,7 +191,7 @@ async def _sync(
         listed_on_secondary = [tag for tag in secondary_tags if settings.tags.wants(tag)]
         # A repository the secondary lists no tag of gets every tag copied whatever its digest: the
         # primary's HEADs would decide nothing, and no blob HEAD is needed for its small blobs either.
-        fresh = not secondary_tags
+        listed_empty_at = None if secondary_tags else listing_started
         # georeg is the secondary's only writer: while the secondary lists exactly the tags it recorded,
         # they hold the digests it recorded. A re-check due, or any difference, and every tag is asked.
         trusted = record is not None and record.trusted and set(listed_on_secondary) == set(recorded)
@@ -206,10 +207,10 @@ async def _sync(
         else:
             wanted_tags = [tag for tag in await primary.tags(repository) if settings.tags.wants(tag)]
             wanted, present = await asyncio.gather(
-                primary.manifest_digests(repository, [] if fresh else wanted_tags),
+                primary.manifest_digests(repository, wanted_tags if secondary_tags else []),
                 _present(secondary, repository, listed_on_secondary, recorded if trusted else None),
             )
-            if fresh:
+            if not secondary_tags:
                 wanted = dict.fromkeys(wanted_tags, "")
         result.written = dict(present)
     to_copy = sorted(tag for tag, digest in wanted.items() if shared_storage or present.get(tag) != digest)
@@ -227,11 +228,11 @@ async def _sync(
                 ImageReference(repository, tag),
                 settings,
                 shared_storage=shared_storage,
-                fresh_repository=fresh,
+                listed_empty_at=listed_empty_at,
             )
         except NotFound as error:
             # Listed but not HEADed first: a tag deleted on the primary since is no longer wanted.
-            if fresh and await primary.head_manifest(repository, tag) is None:
+            if listed_empty_at is not None and await primary.head_manifest(repository, tag) is None:
                 return
             _record_failure(result, tag, error)
             return

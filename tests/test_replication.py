@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -118,7 +119,8 @@ async def test_a_manifest_put_answered_digest_invalid_is_retried_and_logged(
 
 async def test_a_blob_is_never_linked_twice_into_a_new_repository(registry_pair, clients, secondary_proxy, repo_name):
     """Copying a shared blob into another repository in between must not make this process link it
-    again into a repository it already put it in (each link rewrites the registry's link file)."""
+    again into a repository it already put it in (each link rewrites the registry's link file), nor
+    ask a repository that had no tag whether the blob this process linked there is there."""
     base = random_blob(2048)
     first, second = build_image("oci", layers=[base]), build_image("oci", layers=[base])
     push(registry_pair, f"{repo_name}-a", first, "v1")
@@ -127,14 +129,34 @@ async def test_a_blob_is_never_linked_twice_into_a_new_repository(registry_pair,
     primary, secondary = clients
     locations = BlobLocations()
     layer = Descriptor(digest=base.digest, size=base.size, media_type=base.media_type)
+    listed_empty_at = time.monotonic()
 
     outcomes = [
-        (await copy_blob(primary, secondary, repository, layer, locations, fresh_repository=True)).outcome
+        (await copy_blob(primary, secondary, repository, layer, locations, listed_empty_at=listed_empty_at)).outcome
         for repository in (f"{repo_name}-a", f"{repo_name}-b", f"{repo_name}-a")
     ]
 
     assert outcomes == [BlobOutcome.COPIED, BlobOutcome.MOUNTED, BlobOutcome.PRESENT]
     assert secondary_proxy.count("POST", "/blobs/uploads/") == 2
+    assert secondary_proxy.count("HEAD", "/blobs/") == 0
+
+
+async def test_a_link_seen_before_the_repository_was_listed_empty_is_asked_again(
+    registry_pair, clients, secondary_proxy, repo_name
+):
+    """A repository that lists no tag may have lost its links since this process saw them (the
+    registry's garbage collection): what was linked before the listing is asked for, not assumed."""
+    blob = random_blob(2048)
+    push(registry_pair, repo_name, build_image("oci", layers=[blob]), "v1")
+    primary, secondary = clients
+    locations = BlobLocations()
+    layer = Descriptor(digest=blob.digest, size=blob.size, media_type=blob.media_type)
+    locations.remember(secondary.url, blob.digest, repo_name)  # as if linked by an earlier pass
+
+    copied = await copy_blob(primary, secondary, repo_name, layer, locations, listed_empty_at=time.monotonic())
+
+    assert copied.outcome == BlobOutcome.COPIED
+    assert await secondary.blob_size(repo_name, blob.digest) == blob.size
 
 
 async def test_present_blobs_are_skipped_and_known_ones_mounted(registry_pair, clients, secondary_proxy, repo_name):

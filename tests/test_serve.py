@@ -247,6 +247,16 @@ def test_a_burst_from_several_clients_converges_in_shared_runs(tmp_path: Path, p
                     assert site.flow_runs_named(f"replicate {repository}:{child['digest']}") == 0
 
 
+def test_a_push_by_digest_whose_index_never_comes_still_reaches_the_secondary(tmp_path: Path, prefect_api_url: str):
+    # Pushes by digest wait for an index that would cover them; this one waits in vain and is replicated alone.
+    with running_site(tmp_path, prefect_api_url, digest_push_delay_seconds=1) as site:
+        image = build_image("oci", layer_sizes=[300])
+        with site.pusher() as pusher:
+            pusher.push_image("orphans/app", image)  # no tag, no index
+        site.wait_replicated("orphans/app", image.digest, image.digest)
+        assert site.flow_runs_named(f"replicate orphans/app:{image.digest}") == 1
+
+
 def test_serve_restarted_mid_burst_loses_nothing(site: Site, repo_name: str):
     first = push_burst(site, [f"{repo_name}-a{number}" for number in range(6)], clients=3)
     site.receiver.stop()  # mid-burst: some of it replicated, some journaled, some still in the registry
