@@ -115,8 +115,8 @@ async def replicate(
     children first and the reference last, and make sure the secondary serves the primary's digest.
 
     With `shared_storage` (the secondary's storage, which the primary shares), nothing is copied:
-    the image is confirmed instead. `listed_empty_at`: when the secondary listed no tag of the repository,
-    if it did, so its small blobs are sent without asking first whether it has them (see `copy_blob`).
+    the image is confirmed instead. `listed_empty_at`: the moment the secondary listed no tag of the
+    repository, if it did; its small blobs are then sent without asking first (see `copy_blob`).
 
     Every request of the image draws its retries from one budget, `settings.retries_per_image`, so a
     registry that is down costs a bounded number of requests however many blobs the image has."""
